@@ -1,0 +1,3 @@
+from diffalign.cli import main
+
+raise SystemExit(main())

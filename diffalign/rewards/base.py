@@ -1,0 +1,80 @@
+"""The one interface every reward model / scorer implements.
+
+A scorer maps (images, prompts) to one float per image. Images are either a list of PIL images or a
+float tensor [N, 3, H, W] with values in [0, 1]. Prompts are a list of N strings, or one string shared by
+all images (the scorer then encodes it once). Scorers are used by evaluation, by Syn-Pic ranking and by
+training-time relabelling, so they never assume where they are called from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Union
+
+import torch
+from PIL import Image
+
+Images = Union[Sequence[Image.Image], torch.Tensor]
+Prompts = Union[Sequence[str], str]
+
+
+class Scorer:
+    """Base class: subclasses set `name` and implement `_score_batch`; `score` handles batching."""
+
+    name: str = "scorer"
+    #: True when a higher score means a better image (all built-in scorers).
+    higher_is_better: bool = True
+
+    def __init__(self, batch_size: int = 32):
+        self.batch_size = batch_size
+
+    def _score_batch(self, images: Images, prompts: list[str]) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def score(self, images: Images, prompts: Prompts) -> torch.Tensor:
+        n = len(images)
+        prompt_list = [prompts] * n if isinstance(prompts, str) else list(prompts)
+        if len(prompt_list) != n:
+            raise ValueError(f"{self.name}: got {n} images but {len(prompt_list)} prompts")
+        out = []
+        for i in range(0, n, self.batch_size):
+            out.append(self._score_batch(images[i : i + self.batch_size], prompt_list[i : i + self.batch_size]).float().cpu())
+        return torch.cat(out) if out else torch.empty(0)
+
+    __call__ = score
+
+
+_REGISTRY: dict[str, Callable[..., Scorer]] = {}
+
+
+def register_scorer(name: str) -> Callable[[Callable[..., Scorer]], Callable[..., Scorer]]:
+    def deco(factory: Callable[..., Scorer]) -> Callable[..., Scorer]:
+        if name in _REGISTRY:
+            raise ValueError(f"scorer {name!r} registered twice")
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def available_scorers() -> list[str]:
+    _import_builtin()
+    return sorted(_REGISTRY)
+
+
+def create_scorer(name: str, **kwargs) -> Scorer:
+    """Build a scorer by registry name, e.g. create_scorer("pickscore", device="cuda")."""
+    _import_builtin()
+    if name not in _REGISTRY:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise KeyError(f"unknown scorer {name!r}.{hint} Available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name](**kwargs)
+
+
+def _import_builtin() -> None:
+    # Importing the package registers the built-in scorers; each module imports its heavy deps lazily.
+    import diffalign.rewards  # noqa: F401
