@@ -1,0 +1,99 @@
+"""Objectives are pure functions of per-candidate denoising errors ("energies").
+
+    energy[b, k]      policy error of candidate k of item b (lower = the model likes it more); with grad
+    ref_energy[b, k]  the same under the reference model, no grad; None for reference-free objectives
+    phi[b, k]         preference strength of each candidate, best first (pairs: [1, 0])
+
+Candidates are ordered best first by the data layer, so for a pair column 0 is the winner and column 1
+the loser. An objective returns (loss, metrics) where metrics are detached scalars for logging.
+
+Beta convention (one for every DPO-family objective in diffalign): the Salesforce Diffusion-DPO one,
+
+    inside = -0.5 * beta * ((e_w - r_w) - (e_l - r_l)),   loss = -log sigmoid(inside)
+
+with e/r the per-sample MSE averaged over C, H, W. beta = 5000 here equals the diffusers SD1.5 script's
+`--beta_dpo 2500` (which has no 0.5 factor) and a "paper" beta of 2500 in logsigmoid(-beta * delta).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+Metrics = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A named loss with the facts the trainer needs to feed it."""
+
+    name: str
+    fn: Callable[..., tuple[torch.Tensor, Metrics]]
+    needs_reference: bool
+    #: how many candidates per item the objective reads: None = all, 1 = the best only (SFT)
+    candidates: int | None = None
+    #: data formats it accepts (None = any)
+    formats: tuple[str, ...] | None = None
+    #: default hyper-parameters (overridable from the config's objective section)
+    defaults: tuple[tuple[str, float | str | bool], ...] = ()
+
+    def __call__(self, energy, ref_energy, phi, **params) -> tuple[torch.Tensor, Metrics]:
+        if self.needs_reference and ref_energy is None:
+            raise ValueError(f"objective {self.name!r} needs reference energies")
+        merged = {**dict(self.defaults), **params}
+        return self.fn(energy, ref_energy, phi, **merged)
+
+
+_REGISTRY: dict[str, Objective] = {}
+
+
+def register(objective: Objective) -> Objective:
+    if objective.name in _REGISTRY:
+        raise ValueError(f"objective {objective.name!r} registered twice")
+    _REGISTRY[objective.name] = objective
+    return objective
+
+
+def get_objective(name: str) -> Objective:
+    import diffalign.objectives  # noqa: F401  (registers the built-ins)
+
+    if name not in _REGISTRY:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise KeyError(f"unknown objective {name!r}.{hint} Available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def available_objectives() -> list[str]:
+    import diffalign.objectives  # noqa: F401
+
+    return sorted(_REGISTRY)
+
+
+def pair_metrics(energy: torch.Tensor, ref_energy: torch.Tensor | None) -> Metrics:
+    """Errors of the best (column 0) and worst (last column) candidate, and the winner's drift.
+
+    drift_w = e_w - r_w is the likelihood-displacement signal: DPO can win its margin by making the
+    preferred image *less* likely (drift_w > 0) as long as the loser gets worse faster."""
+    e = energy.detach()
+    out = {"err_w": e[:, 0].mean(), "err_l": e[:, -1].mean()}
+    if ref_energy is not None:
+        r = ref_energy.detach()
+        out |= {
+            "ref_err_w": r[:, 0].mean(),
+            "ref_err_l": r[:, -1].mean(),
+            "drift_w": (e[:, 0] - r[:, 0]).mean(),
+            "drift_l": (e[:, -1] - r[:, -1]).mean(),
+        }
+    return out
+
+
+def implicit_accuracy(inside: torch.Tensor) -> torch.Tensor:
+    """Fraction of items the implicit reward ranks correctly; a tie (inside == 0) counts one half, as in
+    the diffusers scripts, so an untrained LoRA (policy == reference) reads 0.5 rather than 0."""
+    inside = inside.detach()
+    return ((inside > 0).float() + 0.5 * (inside == 0).float()).mean()
