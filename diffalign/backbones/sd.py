@@ -1,0 +1,116 @@
+"""Stable Diffusion 1.x / 2.x (epsilon or v-prediction), and the same layout without a VAE
+(pixel-space models such as the toy world's)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from diffalign.backbones.base import Backbone, Conditioning
+
+
+def _module_digest(module: nn.Module | None) -> str:
+    """A cheap identity of a module's weights: config plus a checksum of a few parameter tensors."""
+    if module is None:
+        return "none"
+    import hashlib
+
+    h = hashlib.sha256(type(module).__name__.encode())
+    cfg = getattr(module, "config", None)
+    if cfg is not None:
+        h.update(repr(sorted(dict(cfg).items()) if hasattr(cfg, "items") else cfg).encode())
+    params = list(module.state_dict().items())
+    for name, p in params[:4] + params[-4:]:
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes()[:4096])
+    return h.hexdigest()[:16]
+
+
+class StableDiffusionBackbone(Backbone):
+    family = "sd"
+
+    def __init__(self, unet, noise_scheduler, text_encoder, tokenizer, vae=None, prediction_type=None, source=""):
+        super().__init__(unet, noise_scheduler, prediction_type)
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.vae = vae
+        self.source = source
+        if vae is None:
+            self.family = "pixel"
+
+    # -- text -----------------------------------------------------------------------------------------
+    def _tokenize(self, tokenizer, prompts: list[str]) -> torch.Tensor:
+        return tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> Conditioning:
+        device = self.text_encoder.device
+        ids = self._tokenize(self.tokenizer, prompts).to(device)
+        return {"prompt_embeds": self.text_encoder(ids)[0]}
+
+    # -- images ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] -> scaled latents: a sample of the VAE posterior, as the reference DPO scripts
+        take it (`latent_dist.sample()`), shifted and scaled by the VAE's config."""
+        if self.vae is None:
+            return pixels
+        pixels = pixels.to(self.vae.device, self.vae.dtype)
+        latents = self.vae.encode(pixels).latent_dist.sample()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return latents
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        latents = latents.to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor + shift
+        return self.vae.decode(latents).sample
+
+    # -- denoiser -------------------------------------------------------------------------------------
+    def call_denoiser(self, model, noisy, t, cond: Conditioning):
+        return model(noisy, t, encoder_hidden_states=cond["prompt_embeds"], return_dict=False)[0]
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        mods = {"text_encoder": self.text_encoder}
+        if self.vae is not None:
+            mods["vae"] = self.vae
+        return mods
+
+    def fingerprint(self) -> dict:
+        return {
+            "family": self.family,
+            "vae": _module_digest(self.vae),
+            "text_encoders": [_module_digest(m) for m in self._text_encoders()],
+            "max_length": [t.model_max_length for t in self._tokenizers()],
+        }
+
+    def _text_encoders(self) -> list[nn.Module]:
+        return [self.text_encoder]
+
+    def _tokenizers(self) -> list:
+        return [self.tokenizer]
+
+    def pipeline(self, unet: nn.Module | None = None):
+        """A diffusers pipeline over this backbone's components (for validation images and export)."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        if self.vae is None:
+            raise NotImplementedError("pixel-space backbones have no diffusers pipeline; use diffalign.sampling")
+        return StableDiffusionPipeline(
+            unet=unet or self.denoiser,
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            scheduler=DDIMScheduler.from_config(self.noise_scheduler.config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
