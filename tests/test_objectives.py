@@ -107,8 +107,8 @@ def _rankdpo_reference(e, r, phi, beta, discount, normalize):
     for b in range(B):
         s = [e[b, i].item() - r[b, i].item() for i in range(K)]
         p = [phi[b, i].item() for i in range(K)]
-        key = (lambda i: (-p[i], i)) if discount == "true_rank" else (lambda i: (s[i], i))
-        order = sorted(range(K), key=key)
+        keys = [(-p[i], i) if discount == "true_rank" else (s[i], i) for i in range(K)]
+        order = sorted(range(K), key=keys.__getitem__)
         tau = {idx: pos + 1 for pos, idx in enumerate(order)}
         item, wsum = 0.0, 0.0
         for i in range(K):

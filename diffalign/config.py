@@ -1,0 +1,226 @@
+"""Typed, validated training configs: YAML plus dotted command-line overrides.
+
+An unknown or misspelt key is an error naming the closest valid key; a wrong type says which field.
+Every section lives here except `data`, which lives beside the data code (diffalign/data/config.py).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+
+from diffalign.data.config import DataConfig
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message says what to fix."""
+
+
+class _Section(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    #: hub id, local diffusers folder, or tiny:sd / tiny:sdxl (tiny random models built in code)
+    pretrained: str
+    family: Literal["auto", "sd", "sdxl", "pixel"] = "auto"
+    revision: str | None = None
+    variant: str | None = None
+    #: a separate VAE, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL under fp16
+    vae: str | None = None
+    #: override the scheduler's prediction type (epsilon / v_prediction / sample)
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = None
+    #: the VAE runs in fp32 by default even under mixed precision ("to avoid NaN losses", diffusers)
+    vae_fp32: bool = True
+
+
+class LoraConfig(_Section):
+    rank: int = pydantic.Field(8, ge=1)
+    alpha: float | None = None  # None: alpha = rank, as the diffusers DPO scripts set it
+    target_modules: list[str] = ["to_k", "to_q", "to_v", "to_out.0"]
+    init: Literal["gaussian", "default"] = "gaussian"
+    dropout: float = pydantic.Field(0.0, ge=0.0, lt=1.0)
+
+
+class ObjectiveConfig(_Section):
+    """`name` picks the objective; other keys are its hyper-parameters (see diffalign/objectives)."""
+
+    model_config = pydantic.ConfigDict(extra="allow")
+    name: str
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class OptimConfig(_Section):
+    optimizer: Literal["adamw", "adafactor", "adamw8bit"] = "adamw"
+    lr: float = pydantic.Field(1e-5, gt=0)
+    #: multiply lr by the effective batch (per-GPU batch x accumulation x processes), as --scale_lr does
+    scale_lr: bool = False
+    weight_decay: float = 1e-2
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    warmup_steps: int = pydantic.Field(0, ge=0)
+    max_grad_norm: float | None = 1.0
+
+
+class TrainSection(_Section):
+    batch_size: int = pydantic.Field(1, ge=1)  # items (pairs / ranked lists) per process per micro-step
+    grad_accum: int = pydantic.Field(1, ge=1)
+    max_steps: int = pydantic.Field(100, ge=1)  # optimizer steps
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    seed: int = 0
+    #: where ref energies come from: auto = adapters off for LoRA, a frozen copy for full fine-tuning
+    reference: Literal["auto", "lora_off", "frozen_copy"] = "auto"
+    #: stop after this many consecutive steps skipped for a non-finite loss or gradient
+    max_nonfinite_steps: int = pydantic.Field(5, ge=1)
+    num_workers: int = pydantic.Field(0, ge=0)
+
+
+class LoggingConfig(_Section):
+    every: int = pydantic.Field(10, ge=1)
+    tensorboard: bool = True
+    wandb: bool = False
+
+
+class CheckpointConfig(_Section):
+    every: int = pydantic.Field(500, ge=1)
+    keep: int = pydantic.Field(3, ge=1)
+
+
+class ValidationConfig(_Section):
+    every: int = pydantic.Field(0, ge=0)  # 0: off
+    prompts: list[str] = []
+    seeds: list[int] = [0]
+    steps: int = 25
+    guidance: float = 7.5
+    resolution: int | None = None  # None: data.resolution
+
+
+class CacheConfig(_Section):
+    #: read VAE latents and text conditioning from a `diffalign cache` directory instead of encoding each step
+    enabled: bool = False
+    dir: str | None = None  # None: <output_dir>/cache
+
+
+class Config(_Section):
+    model: ModelConfig
+    data: DataConfig
+    objective: ObjectiveConfig
+    lora: LoraConfig | None = None  # None: full fine-tuning
+    optim: OptimConfig = OptimConfig()
+    train: TrainSection = TrainSection()
+    logging: LoggingConfig = LoggingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    validation: ValidationConfig = ValidationConfig()
+    cache: CacheConfig = CacheConfig()
+    output_dir: str = "runs/default"
+
+    @pydantic.model_validator(mode="after")
+    def _consistent(self) -> Config:
+        from diffalign.objectives import get_objective
+
+        try:
+            obj = get_objective(self.objective.name)
+        except KeyError as err:
+            raise ValueError(str(err.args[0])) from None
+        unknown = set(self.objective.params()) - {k for k, _ in obj.defaults}
+        if unknown:
+            valid = [k for k, _ in obj.defaults]
+            key = sorted(unknown)[0]
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"objective {obj.name!r} has no parameter {key!r}.{hint} Valid: {valid}")
+        if obj.formats is not None and self.data.format not in obj.formats:
+            raise ValueError(f"objective {obj.name!r} needs data.format in {list(obj.formats)}, got {self.data.format!r}")
+        if self.train.reference == "lora_off" and self.lora is None:
+            raise ValueError("train.reference=lora_off needs a lora section (or use frozen_copy / auto)")
+        return self
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        if not isinstance(node.get(k), dict):
+            node[k] = {}
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`a.b=1` -> ("a.b", 1); values are parsed as YAML, so numbers, booleans, lists and null work."""
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        key, raw = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+    return out
+
+
+def _section_fields(model: type[pydantic.BaseModel], loc: tuple) -> list[str]:
+    """Field names valid at `loc` (a pydantic error location), for 'did you mean' hints."""
+    cls = model
+    for part in loc[:-1]:
+        field = cls.model_fields.get(str(part)) if isinstance(part, str) else None
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        cls = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, pydantic.BaseModel)), None)
+        if cls is None:
+            return []
+    return list(cls.model_fields)
+
+
+def format_validation_error(err: pydantic.ValidationError, model: type[pydantic.BaseModel] = Config) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged-"))))
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[-1]), _section_fields(model, loc), n=1)
+            hint = f" Did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
+            lines.append(f"- unknown key {where!r}.{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"- missing required key {where!r}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = e.get("input")
+            got_s = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+            lines.append(f"- {where}: {msg}{got_s}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> Config:
+    """Load a YAML file (or a dict), apply `key.path=value` overrides, validate."""
+    if isinstance(source, dict):
+        tree = yaml.safe_load(yaml.safe_dump(source))  # deep copy through plain types
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level of a config must be a mapping")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except pydantic.ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""The trainer, reference strategies, checkpoints and export."""

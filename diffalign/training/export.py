@@ -1,0 +1,109 @@
+"""Validation image grids during training, and the final export with a model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from diffalign.config import dump_config
+
+
+def image_grid(images, cols: int | None = None):
+    from PIL import Image
+
+    cols = cols or len(images)
+    rows = (len(images) + cols - 1) // cols
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+@torch.no_grad()
+def validation_grid(trainer, step: int) -> Path | None:
+    """Images at the config's fixed prompts and seeds: one row per prompt, one column per seed."""
+    cfg = trainer.cfg.validation
+    if not cfg.prompts:
+        return None
+    bb = trainer.backbone
+    try:
+        pipe = bb.pipeline(trainer.acc.unwrap_model(trainer.unet))
+    except NotImplementedError as err:
+        trainer.acc.print(f"validation skipped: {err}")
+        return None
+    pipe.set_progress_bar_config(disable=True)
+    res = cfg.resolution or trainer.cfg.data.resolution
+    images = []
+    for prompt in cfg.prompts:
+        for seed in cfg.seeds:
+            g = torch.Generator(device="cpu").manual_seed(seed)
+            with trainer.acc.autocast():
+                images.append(pipe(prompt, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, height=res,
+                                   width=res, generator=g).images[0])
+    grid = image_grid(images, cols=len(cfg.seeds))
+    out = trainer.out / "validation" / f"step-{step:07d}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    for tracker in trainer.acc.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+    return out
+
+
+def export_final(trainer, metrics: dict) -> Path:
+    """LoRA runs write `pytorch_lora_weights.safetensors` (loadable with `pipe.load_lora_weights(dir)`);
+    full runs write a complete diffusers pipeline folder (or the UNet alone for pixel-space models)."""
+    out = trainer.out / "final"
+    out.mkdir(parents=True, exist_ok=True)
+    unet = trainer.acc.unwrap_model(trainer.unet)
+    bb = trainer.backbone
+    if trainer.cfg.lora is not None:
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        layers = {k: v.detach().float().contiguous().cpu() for k, v in layers.items()}
+        pipe_cls = StableDiffusionXLPipeline if bb.family == "sdxl" else StableDiffusionPipeline
+        pipe_cls.save_lora_weights(str(out), unet_lora_layers=layers, safe_serialization=True)
+        what = "LoRA adapter (diffusers format): `pipe.load_lora_weights(this_folder)`"
+    else:
+        unet = unet.to(torch.float32)
+        try:
+            bb.pipeline(unet).save_pretrained(str(out), safe_serialization=True)
+            what = "full diffusers pipeline: `DiffusionPipeline.from_pretrained(this_folder)`"
+        except NotImplementedError:
+            unet.save_pretrained(str(out / "unet"), safe_serialization=True)
+            what = "UNet in diffusers format: `UNet2DConditionModel.from_pretrained(this_folder, subfolder='unet')`"
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "README.md").write_text(model_card(trainer, metrics, what))
+    return out
+
+
+def model_card(trainer, metrics: dict, what: str) -> str:
+    cfg = trainer.cfg
+    rows = "\n".join(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
+    return f"""---
+library_name: diffusers
+base_model: {cfg.model.pretrained}
+tags: [diffalign, {cfg.objective.name}, text-to-image, preference-alignment]
+---
+# {cfg.objective.name} fine-tune of `{cfg.model.pretrained}`
+
+Trained with [diffalign](https://pypi.org/project/diffalign/) for {trainer.step} steps.
+This folder holds the {what}.
+
+## Final training metrics (mean over the last logging window)
+| metric | value |
+|---|---|
+{rows}
+
+## Config
+```yaml
+{dump_config(cfg)}```
+"""

@@ -1,0 +1,420 @@
+"""The training loop. It knows neither the model family (the backbone does) nor the loss (the objective
+does): per micro-batch it asks the backbone for per-candidate energies under the policy and the
+reference, and the objective for a loss.
+
+Determinism by construction: which items a micro-step reads, and the noise and timesteps it draws, are
+functions of (seed, micro-step index) alone, computed for the whole global batch and sliced per process.
+So a resumed run replays exactly the data and noise of an uninterrupted one, and N processes with batch
+b see the same items and noise as one process with batch N*b.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from diffalign.backbones import Backbone, load_backbone
+from diffalign.config import Config, dump_config
+from diffalign.objectives import get_objective
+from diffalign.training import checkpoint as ckpt
+from diffalign.training.reference import make_reference
+
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class GlobalBatchSampler:
+    """Yields this process's slice of global batches, from micro-step `start` on, forever (epochs loop).
+
+    Global batch m is positions [p*G, (p+1)*G) of the permutation of epoch e, where (e, p) = divmod(m, P),
+    P = floor(N / G) batches per epoch (the incomplete tail is dropped), G = batch_size * world_size."""
+
+    def __init__(self, n_items: int, batch_size: int, world_size: int, rank: int, seed: int, start: int = 0):
+        self.n, self.b, self.world, self.rank, self.seed, self.start = n_items, batch_size, world_size, rank, seed, start
+        self.global_batch = batch_size * world_size
+        self.per_epoch = n_items // self.global_batch
+        if self.per_epoch == 0:
+            raise ValueError(
+                f"the dataset has {n_items} usable items, fewer than one global batch of {self.global_batch} "
+                "(train.batch_size x processes); use more data or a smaller batch"
+            )
+
+    def epoch_of(self, micro: int) -> int:
+        return micro // self.per_epoch
+
+    def __iter__(self):
+        micro = self.start
+        perm, perm_epoch = None, -1
+        while True:
+            epoch, pos = divmod(micro, self.per_epoch)
+            if epoch != perm_epoch:
+                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1009 + epoch))
+                perm_epoch = epoch
+            glob = perm[pos * self.global_batch : (pos + 1) * self.global_batch]
+            yield [(int(i), epoch) for i in glob[self.rank * self.b : (self.rank + 1) * self.b]]
+            micro += 1
+
+
+class _EpochIndexed(torch.utils.data.Dataset):
+    """Lets the sampler carry the epoch with each index, so random crops/flips/dropout are a function of
+    (seed, epoch, index) even inside DataLoader worker processes."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, epoch = key
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+
+def micro_step_noise(backbone: Backbone, seed: int, micro: int, global_batch: int, shape, rank: int, b: int):
+    """Timesteps and noise for one micro-step's global batch, sliced to this process's items."""
+    g = torch.Generator().manual_seed((seed + 1) * 1_000_003 + micro)
+    t = backbone.sample_timesteps(global_batch, g)
+    noise = torch.randn((global_batch, *shape), generator=g)
+    lo = rank * b
+    return t[lo : lo + b], noise[lo : lo + b]
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: str | None = None):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        log_with = [t for t, on in (("tensorboard", cfg.logging.tensorboard), ("wandb", cfg.logging.wandb)) if on]
+        self.acc = Accelerator(
+            mixed_precision=cfg.train.mixed_precision,
+            log_with=log_with or None,
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
+        )
+        self.weight_dtype = _DTYPES[cfg.train.mixed_precision]
+        self.objective = get_objective(cfg.objective.name)
+        self.objective_params = cfg.objective.params()
+        self.step = 0  # optimizer steps taken
+        self.micro = 0  # micro-batches consumed (the data position)
+        self.counters = {"skipped_items": 0, "nonfinite_steps": 0, "consecutive_nonfinite": 0}
+        self.resume = resume
+        self._build()
+
+    # ---- setup ------------------------------------------------------------------------------------
+    def _build(self) -> None:
+        cfg, acc = self.cfg, self.acc
+        mc = cfg.model
+        self.backbone = bb = load_backbone(mc.pretrained, mc.family, mc.revision, mc.variant, mc.vae, mc.prediction_type)
+        unet = bb.denoiser
+        unet.requires_grad_(False)
+        for name, module in bb.frozen_modules().items():
+            dtype = torch.float32 if (name == "vae" and mc.vae_fp32) else self.weight_dtype
+            module.requires_grad_(False).to(acc.device, dtype)
+        if cfg.train.attention == "xformers":
+            try:
+                import xformers  # noqa: F401
+            except ImportError as err:
+                raise ImportError("train.attention=xformers needs xformers: pip install 'diffalign[xformers]'") from err
+            unet.enable_xformers_memory_efficient_attention()
+        if cfg.train.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+
+        if cfg.lora is not None:
+            from peft import LoraConfig
+
+            lc = cfg.lora
+            unet.to(acc.device, self.weight_dtype)
+            unet.add_adapter(LoraConfig(r=lc.rank, lora_alpha=lc.alpha or lc.rank, lora_dropout=lc.dropout,
+                                        init_lora_weights=True if lc.init == "default" else lc.init,
+                                        target_modules=lc.target_modules))
+            for p in unet.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()  # trainable LoRA weights stay fp32 under mixed precision
+        else:
+            unet.to(acc.device).requires_grad_(True)
+        self.reference = make_reference(cfg.train.reference, self.objective.needs_reference, cfg.lora is not None,
+                                         unet, self.weight_dtype)
+        if hasattr(self.reference, "to"):
+            self.reference.to(acc.device)
+        self.params = [p for p in unet.parameters() if p.requires_grad]
+
+        self.dataset = self._dataset()
+        self.global_batch = cfg.train.batch_size * acc.num_processes
+        self.lr = cfg.optim.lr * (self.global_batch * cfg.train.grad_accum if cfg.optim.scale_lr else 1)
+        optimizer = self._optimizer()
+        from diffusers.optimization import get_scheduler
+
+        scheduler = get_scheduler(cfg.optim.scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
+                                  num_training_steps=cfg.train.max_steps)
+        self.unet, self.optimizer, self.scheduler = acc.prepare(unet, optimizer, scheduler)
+        self._register_checkpoint_hooks()
+
+    def _dataset(self):
+        if self.cfg.cache.enabled:
+            from diffalign.data.cache import CachedPreferenceDataset, cache_dir_for
+
+            return CachedPreferenceDataset(cache_dir_for(self.cfg), self.backbone, self.cfg)
+        from diffalign.data import build_preference_dataset
+
+        return build_preference_dataset(self.cfg.data, seed=self.cfg.train.seed)
+
+    def _optimizer(self):
+        o = self.cfg.optim
+        if o.optimizer == "adamw":
+            return torch.optim.AdamW(self.params, lr=self.lr, betas=o.adam_betas, weight_decay=o.weight_decay, eps=o.adam_eps)
+        if o.optimizer == "adamw8bit":
+            try:
+                import bitsandbytes as bnb
+            except ImportError as err:
+                raise ImportError("optim.optimizer=adamw8bit needs bitsandbytes: pip install 'diffalign[bnb]'") from err
+            return bnb.optim.AdamW8bit(self.params, lr=self.lr, betas=o.adam_betas, weight_decay=o.weight_decay, eps=o.adam_eps)
+        from transformers.optimization import Adafactor
+
+        # the Salesforce SDXL recipe: relative_step and parameter scaling off, update clipping at 1.0
+        return Adafactor(self.params, lr=self.lr, weight_decay=o.weight_decay, scale_parameter=False,
+                         relative_step=False, clip_threshold=1.0)
+
+    def _register_checkpoint_hooks(self) -> None:
+        """LoRA checkpoints hold only the adapter weights (megabytes, not the whole UNet)."""
+        if self.cfg.lora is None:
+            return
+        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+        from safetensors.torch import load_file, save_file
+
+        def save_hook(models, weights, output_dir):
+            for i, m in enumerate(models):
+                sd = {k: v.contiguous() for k, v in get_peft_model_state_dict(self.acc.unwrap_model(m)).items()}
+                save_file(sd, str(Path(output_dir) / f"lora_{i}.safetensors"))
+            weights.clear()
+
+        def load_hook(models, input_dir):
+            while models:
+                i = len(models) - 1
+                weights = load_file(str(Path(input_dir) / f"lora_{i}.safetensors"))
+                set_peft_model_state_dict(self.acc.unwrap_model(models.pop()), weights)
+
+        self.acc.register_save_state_pre_hook(save_hook)
+        self.acc.register_load_state_pre_hook(load_hook)
+
+    # ---- one micro-batch ------------------------------------------------------------------------------
+    def _to_device(self, batch: dict) -> dict:
+        return {k: (v.to(self.acc.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    def _conditioning(self, batch: dict, K: int) -> dict:
+        """Text (and micro-)conditioning for the B*K candidates, item-major."""
+        bb = self.backbone
+        if "cond" in batch:  # from the cache
+            cond = {k: v.flatten(0, 1).to(self.acc.device, self.weight_dtype) for k, v in batch["cond"].items()}
+        else:
+            captions = [c for item in batch["captions"] for c in item[:K]]
+            unique = list(dict.fromkeys(captions))
+            enc = bb.encode_text(unique)
+            where = torch.tensor([unique.index(c) for c in captions], device=self.acc.device)
+            cond = {k: v[where] for k, v in enc.items()}
+        micro = bb.micro_conditioning(batch["original_size"][:, :K].flatten(0, 1).cpu(),
+                                      batch["crop_top_left"][:, :K].flatten(0, 1).cpu(), self._resolution())
+        return cond | {k: v.to(self.acc.device) for k, v in micro.items()}
+
+    def _resolution(self) -> int:
+        return self.cfg.data.resolution
+
+    def compute_loss(self, batch: dict, micro: int):
+        bb = self.backbone
+        K = self.objective.candidates or batch["phi"].shape[1]
+        if "latents" in batch:
+            x0 = batch["latents"][:, :K].to(self.acc.device, torch.float32)
+        else:
+            pixels = batch["pixel_values"][:, :K]
+            B = pixels.shape[0]
+            x0 = bb.encode_images(pixels.flatten(0, 1)).float()
+            x0 = x0.view(B, K, *x0.shape[1:])
+        B = x0.shape[0]
+        t, noise = micro_step_noise(bb, self.cfg.train.seed, micro, self.global_batch, x0.shape[2:],
+                                    self.acc.process_index, self.cfg.train.batch_size)
+        t, noise = t[:B].to(self.acc.device), noise[:B].to(self.acc.device)
+        cond = self._conditioning(batch, K)
+        with self.acc.autocast():
+            energy = bb.energies(self.unet, x0, noise, t, cond)
+            ref = self.reference.energies(bb, self.acc.unwrap_model(self.unet), x0, noise, t, cond)
+        phi = batch["phi"][:, :K].to(energy.device, energy.dtype)
+        return self.objective(energy, ref, phi, **self.objective_params)
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def _loader(self):
+        sampler = GlobalBatchSampler(len(self.dataset), self.cfg.train.batch_size, self.acc.num_processes,
+                                     self.acc.process_index, self.cfg.train.seed, start=self.micro)
+        from diffalign.data import collate_preference
+
+        self.sampler = sampler
+        return DataLoader(_EpochIndexed(self.dataset), batch_sampler=sampler, collate_fn=collate_preference,
+                          num_workers=self.cfg.train.num_workers)
+
+    def _zero_loss(self) -> torch.Tensor:
+        # touches every trainable parameter, so DDP's gradient sync runs on every process alike
+        return sum((p * 0).sum() for p in self.params)
+
+    def summary(self) -> str:
+        cfg, acc = self.cfg, self.acc
+        eff = self.global_batch * cfg.train.grad_accum
+        n = len(self.dataset)
+        trainable = sum(p.numel() for p in self.params)
+        total = sum(p.numel() for p in self.backbone.denoiser.parameters())
+        params = ", ".join(f"{k}={v}" for k, v in {**dict(self.objective.defaults), **self.objective_params}.items())
+        lines = [
+            f"diffalign train: {cfg.model.pretrained} ({self.backbone.family}, {self.backbone.prediction_type})",
+            f"  objective   {self.objective.name} ({params}); reference: {self.reference.name}",
+            f"  tuning      {f'LoRA rank {cfg.lora.rank}' if cfg.lora else 'full'}: {trainable:,} of {total:,} parameters trainable",
+            f"  data        {self._describe_data()}",
+            f"  batch       {cfg.train.batch_size} per process x {acc.num_processes} processes x {cfg.train.grad_accum} accumulation = {eff} items per step",
+            f"  schedule    {cfg.train.max_steps} steps = {cfg.train.max_steps * eff / max(n, 1):.2f} epochs; lr {self.lr:g} ({cfg.optim.optimizer}, {cfg.optim.scheduler}, warmup {cfg.optim.warmup_steps})",
+            f"  precision   {cfg.train.mixed_precision}; device {acc.device}; output {self.out}",
+        ]
+        return "\n".join(lines)
+
+    def _describe_data(self) -> str:
+        d = self.dataset
+        return d.describe() if hasattr(d, "describe") else f"{len(d)} items"
+
+    def train(self) -> dict:
+        cfg, acc = self.cfg, self.acc
+        if self.resume:
+            path = ckpt.resolve(self.out, self.resume)
+            if path is not None:
+                acc.load_state(str(path))
+                state = ckpt.read_state(path)
+                self.step, self.micro = state["step"], state["micro"]
+                self.counters.update(state["counters"])
+                acc.print(f"resumed from {path} at step {self.step}")
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(dump_config(cfg))
+        acc.init_trackers("diffalign")
+        acc.print(self.summary())
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not acc.is_local_main_process,
+                   desc="train", dynamic_ncols=True)
+        batches = iter(self._loader())
+        window: dict[str, list[float]] = {}
+        last: dict[str, float] = {}
+        t0 = time.time()
+        while self.step < cfg.train.max_steps:
+            step_metrics, nonfinite = self._optimizer_step(batches)
+            if nonfinite:
+                self.counters["nonfinite_steps"] += 1
+                self.counters["consecutive_nonfinite"] += 1
+                if self.counters["consecutive_nonfinite"] >= cfg.train.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"{self.counters['consecutive_nonfinite']} consecutive steps had a non-finite loss or "
+                        f"gradient (at step {self.step}); lower the learning rate or beta, or check the data"
+                    )
+                continue
+            self.counters["consecutive_nonfinite"] = 0
+            self.step += 1
+            for k, v in step_metrics.items():
+                window.setdefault(k, []).append(v)
+            bar.update(1)
+            if self.step % cfg.logging.every == 0 or self.step == cfg.train.max_steps:
+                last = self._log(window, t0)
+                window = {}
+                bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}", acc=f"{last.get('implicit_acc', float('nan')):.2f}")
+            if cfg.validation.every and self.step % cfg.validation.every == 0:
+                self.validate()
+            if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.max_steps:
+                self.save_checkpoint()
+        bar.close()
+        self.export(last)
+        acc.end_training()
+        return last
+
+    def _optimizer_step(self, batches) -> tuple[dict[str, float], bool]:
+        cfg, acc = self.cfg, self.acc
+        accum = cfg.train.grad_accum
+        sums: dict[str, float] = {}
+        nonfinite = False
+        for i in range(accum):
+            batch = next(batches)
+            micro = self.micro
+            self.micro += 1
+            if batch is None or batch.get("skipped"):
+                self.counters["skipped_items"] += (batch or {}).get("skipped", cfg.train.batch_size)
+            sync = acc.no_sync(self.unet) if i < accum - 1 and acc.num_processes > 1 else nullcontext()
+            with sync:
+                if batch is not None:
+                    loss, metrics = self.compute_loss(self._to_device(batch), micro)
+                    ok = torch.isfinite(loss.detach()).float()
+                else:
+                    loss, metrics, ok = None, {}, torch.ones((), device=acc.device)
+                all_ok = acc.gather(ok.reshape(1).to(acc.device)).min().item() > 0
+                if not all_ok:
+                    nonfinite = True
+                if loss is None or not all_ok:
+                    loss = self._zero_loss()
+                acc.backward(loss / accum)
+            for k, v in ({"loss": loss.detach()} | metrics).items():
+                sums[k] = sums.get(k, 0.0) + float(v) / accum
+        grad_norm = acc.clip_grad_norm_(self.params, cfg.optim.max_grad_norm or math.inf)
+        grad_ok = grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)).item())
+        if nonfinite or (not grad_ok and cfg.train.mixed_precision != "fp16"):
+            self.optimizer.zero_grad(set_to_none=True)
+            return sums, True
+        self.optimizer.step()  # under fp16 the grad scaler skips an overflowing step and lowers its scale
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if grad_norm is not None:
+            sums["grad_norm"] = float(grad_norm)
+        sums["lr"] = self.scheduler.get_last_lr()[0]
+        return sums, False
+
+    def _log(self, window: dict[str, list[float]], t0: float) -> dict[str, float]:
+        acc = self.acc
+        local = torch.tensor([sum(v) / len(v) for v in window.values()], device=acc.device, dtype=torch.float64)
+        mean = acc.reduce(local, reduction="mean") if acc.num_processes > 1 else local
+        metrics = dict(zip(window, mean.tolist()))
+        metrics |= {"step": self.step, "nonfinite_steps": self.counters["nonfinite_steps"],
+                    "skipped_items": self.counters["skipped_items"], "elapsed_s": round(time.time() - t0, 2)}
+        acc.log(metrics, step=self.step)
+        if acc.is_main_process:
+            with open(self.out / "logs" / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        return metrics
+
+    # ---- checkpoints, validation, export -------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        root = ckpt.checkpoint_root(self.out)
+        final = root / f"step-{self.step:07d}"
+        tmp = root / f"step-{self.step:07d}.tmp"
+        self.acc.save_state(str(tmp))
+        if self.acc.is_main_process:
+            state = {"step": self.step, "micro": self.micro, "counters": self.counters}
+            ckpt.finalize(tmp, final, state, self.cfg.checkpoint.keep)
+        self.acc.wait_for_everyone()
+        return final
+
+    def validate(self) -> Path | None:
+        from diffalign.training.export import validation_grid
+
+        if not self.acc.is_main_process:
+            return None
+        return validation_grid(self, self.step)
+
+    def export(self, metrics: dict) -> Path | None:
+        from diffalign.training.export import export_final
+
+        self.acc.wait_for_everyone()
+        if not self.acc.is_main_process:
+            return None
+        return export_final(self, metrics)
