@@ -17,3 +17,22 @@ PICKAPIC_REQUIRED = ("caption", "jpg_0", "jpg_1", "label_0")
 DOUBLE_CAPTION_REQUIRED = ("caption_0", "caption_1", "jpg_0", "jpg_1", "label_0")
 RANKED_REQUIRED = ("prompt", "images", "phi")
 RANKED_COLUMNS = ("prompt", "images", "generators", "seeds", "scores", "phi", "rank")
+
+# All columns of yuvalkirstain/pickapic_v2 (HF dataset card; methods.md sec. 0.1), in card order.
+PICKAPIC_V2_COLUMNS = (
+    "are_different", "best_image_uid", "caption", "created_at", "has_label", "image_0_uid",
+    "image_0_url", "image_1_uid", "image_1_url", "jpg_0", "jpg_1", "label_0", "label_1", "model_0",
+    "model_1", "ranking_id", "user_id", "num_example_per_prompt", "__index_level_0__",
+)  # fmt: skip
+DOUBLE_CAPTION_COLUMNS = (*PICKAPIC_V2_COLUMNS, "caption_0", "caption_1")
+
+# A ranked row needs prompt + images and at least one of these (phi wins, then scores, then rank).
+RANKED_PREFERENCE_SOURCES = ("phi", "scores", "rank")
+
+# User jsonl: one object per line, either a pair or a ranked list. Image paths are relative to the file.
+JSONL_PROMPT = "prompt"
+JSONL_PAIR_KEYS = ("prompt", "chosen", "rejected")
+JSONL_RANKED_KEYS = ("prompt", "images")  # plus one of "phi" / "scores" / "rank"
+
+# HPDv2 train.json: a list of {prompt, file_path: [..], human_preference: [0/1 ..]} (1 = preferred).
+HPDV2_KEYS = ("prompt", "file_path", "human_preference")

@@ -1,0 +1,123 @@
+"""Image decoding and the joint crop/flip of one item's candidates (pure functions).
+
+Conventions (docs/data.md, methods.md sec. 0.3-0.4), following the diffusers SDXL DPO port and MaPO:
+1. every other candidate is resized to the WINNER's (W, H), so one crop window fits all of them;
+   `original_size` is the winner's true (H, W) for every candidate (SDXL micro-conditioning);
+2. the shorter side is resized to `resolution` (bilinear, antialiased), the longer side to
+   int(resolution * long / short) as torchvision's Resize(int) does;
+3. the horizontal flip, when drawn, is applied to all candidates together, BEFORE the crop;
+4. one crop window (center, or random when `random_crop`) is cut from all candidates; `crop_top_left`
+   is its (top, left) in the resized (and flipped) image;
+5. pixels go to float32 in [-1, 1], channels first.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+class UnusableImage(Exception):
+    """An image that cannot be used; `reason` names the stats counter it increments."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def decode_image(value, base_dir: str | None = None) -> Image.Image:
+    """Decode one stored image: encoded bytes, a datasets Image struct {bytes, path}, a path, or a PIL image.
+
+    Raises UnusableImage("corrupt_image" | "missing_image" | "missing_file", ...) for what cannot be read.
+    """
+    if isinstance(value, Image.Image):
+        img = value
+    else:
+        if isinstance(value, dict):  # datasets' Image storage: {"bytes": ..., "path": ...}
+            value = value.get("bytes") or value.get("path")
+        if value is None or (isinstance(value, (bytes, str)) and len(value) == 0):
+            raise UnusableImage("missing_image", "image is empty / null")
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            stream = io.BytesIO(bytes(value))
+        elif isinstance(value, str):
+            path = value if (base_dir is None or os.path.isabs(value)) else os.path.join(base_dir, value)
+            if not os.path.isfile(path):
+                raise UnusableImage("missing_file", f"image file not found: {path}")
+            stream = path
+        else:
+            raise UnusableImage("corrupt_image", f"cannot decode an image from a {type(value).__name__}")
+        try:
+            img = Image.open(stream)
+            img.load()  # force the full decode now: truncated JPEGs fail here, not later
+        except Exception as err:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError...)
+            raise UnusableImage("corrupt_image", f"undecodable image: {type(err).__name__}: {err}") from err
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def check_size(img: Image.Image, min_side: int) -> None:
+    """Raise UnusableImage("too_small") if the shorter side is below `min_side` (1x1 always fails)."""
+    if min(img.size) < max(2, min_side):
+        raise UnusableImage("too_small", f"image {img.size[0]}x{img.size[1]} has a side below {max(2, min_side)} px")
+
+
+def resized_shape(height: int, width: int, resolution: int) -> tuple[int, int]:
+    """(H, W) after resizing the shorter side to `resolution` (torchvision Resize(int) rule)."""
+    if height <= width:
+        return resolution, max(resolution, int(resolution * width / height))
+    return max(resolution, int(resolution * height / width)), resolution
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> float32 [3, H, W] in [-1, 1]."""
+    arr = np.asarray(img, dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1).div(127.5).sub(1.0).contiguous()
+
+
+def transform_item(
+    images: Sequence[Image.Image],
+    resolution: int,
+    random_crop: bool,
+    flip: bool,
+    crop_rng: np.random.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """Jointly resize, flip and crop the K candidates of one item (winner / best first).
+
+    `flip` is decided by the caller (so a latent cache can ask for either); `crop_rng` (a numpy
+    Generator) draws the random crop and is only used when `random_crop`. Returns
+    pixel_values float32 [K, 3, R, R] in [-1, 1], original_size int64 [K, 2] (winner's (H, W) for all),
+    crop_top_left int64 [K, 2] (same (top, left) for all).
+    """
+    if len(images) == 0:
+        raise ValueError("transform_item needs at least one image")
+    first = images[0].convert("RGB") if images[0].mode != "RGB" else images[0]
+    width, height = first.size
+    same = [first]
+    for img in images[1:]:
+        img = img.convert("RGB") if img.mode != "RGB" else img
+        same.append(img if img.size == (width, height) else img.resize((width, height), Image.BICUBIC))
+    new_h, new_w = resized_shape(height, width, resolution)
+    if random_crop:
+        if crop_rng is None:
+            raise ValueError("random_crop=True needs a crop_rng (numpy Generator)")
+        top = int(crop_rng.integers(0, new_h - resolution + 1))
+        left = int(crop_rng.integers(0, new_w - resolution + 1))
+    else:  # torchvision CenterCrop rule
+        top = int(round((new_h - resolution) / 2.0))
+        left = int(round((new_w - resolution) / 2.0))
+    out = []
+    for img in same:
+        img = img.resize((new_w, new_h), Image.BILINEAR, reducing_gap=None)
+        if flip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        out.append(to_tensor(img.crop((left, top, left + resolution, top + resolution))))
+    k = len(out)
+    return {
+        "pixel_values": torch.stack(out),
+        "original_size": torch.tensor([[height, width]] * k, dtype=torch.int64),
+        "crop_top_left": torch.tensor([[top, left]] * k, dtype=torch.int64),
+    }
