@@ -31,7 +31,15 @@ class Backbone:
     def encode_text(self, prompts: list[str]) -> Conditioning:
         raise NotImplementedError
 
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+    def latent_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels in [-1, 1] -> (mean, std) of the latent posterior (std 0 for pixel-space models)."""
+        raise NotImplementedError
+
+    def latents_from_posterior(self, mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:
+        """The training latents for a posterior and its noise eps (None: the mean)."""
+        raise NotImplementedError
+
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

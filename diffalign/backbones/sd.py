@@ -56,15 +56,26 @@ class StableDiffusionBackbone(Backbone):
 
     # -- images ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels in [-1, 1] -> scaled latents: a sample of the VAE posterior, as the reference DPO scripts
-        take it (`latent_dist.sample()`), shifted and scaled by the VAE's config."""
+    def latent_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels in [-1, 1] -> the VAE posterior's (mean, std), unscaled. Pixel-space: (pixels, 0)."""
         if self.vae is None:
-            return pixels
-        pixels = pixels.to(self.vae.device, self.vae.dtype)
-        latents = self.vae.encode(pixels).latent_dist.sample()
+            return pixels, torch.zeros_like(pixels)
+        dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
+        return dist.mean, dist.std
+
+    def latents_from_posterior(self, mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:
+        """A posterior sample mean + std * eps (the reference DPO scripts take `latent_dist.sample()`),
+        shifted and scaled by the VAE's config; eps None gives the mean."""
+        x = mean if eps is None else mean + std * eps.to(mean.device, mean.dtype)
+        if self.vae is None:
+            return x
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * self.vae.config.scaling_factor
+        return (x - shift) * self.vae.config.scaling_factor
+
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        mean, std = self.latent_posterior(pixels)
+        eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32) if self.vae is not None else None
+        return self.latents_from_posterior(mean, std, eps)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,8 @@
 does): per micro-batch it asks the backbone for per-candidate energies under the policy and the
 reference, and the objective for a loss.
 
-Determinism by construction: which items a micro-step reads, and the noise and timesteps it draws, are
-functions of (seed, micro-step index) alone, computed for the whole global batch and sliced per process.
+Determinism by construction: which items a micro-step reads is a function of (seed, micro-step index),
+and each item's noise and timestep a function of (seed, its position in the data stream).
 So a resumed run replays exactly the data and noise of an uninterrupted one, and N processes with batch
 b see the same items and noise as one process with batch N*b.
 """
@@ -81,13 +81,20 @@ class _EpochIndexed(torch.utils.data.Dataset):
         return self.dataset[index]
 
 
-def micro_step_noise(backbone: Backbone, seed: int, micro: int, global_batch: int, shape, rank: int, b: int):
-    """Timesteps and noise for one micro-step's global batch, sliced to this process's items."""
-    g = torch.Generator().manual_seed((seed + 1) * 1_000_003 + micro)
-    t = backbone.sample_timesteps(global_batch, g)
-    noise = torch.randn((global_batch, *shape), generator=g)
-    lo = rank * b
-    return t[lo : lo + b], noise[lo : lo + b]
+def item_noise(backbone: Backbone, seed: int, positions: list[int], k: int, shape):
+    """Timestep, diffusion noise and VAE-posterior noise of each item, a function of (seed, the item's
+    position in the data stream) only.
+
+    Keying on the stream position (micro-step x global batch + offset) rather than on the micro-step makes
+    batch 4 equal accumulation 4 x batch 1, and 2 processes x batch 1 equal 1 process x batch 2.
+    Returns t [B], noise [B, *shape] (shared by the item's k candidates) and eps [B, k, *shape]."""
+    ts, noises, eps = [], [], []
+    for pos in positions:
+        g = torch.Generator().manual_seed((seed + 1) * 1_000_003 + pos)
+        ts.append(backbone.sample_timesteps(1, g))
+        noises.append(torch.randn((1, *shape), generator=g))
+        eps.append(torch.randn((1, k, *shape), generator=g))
+    return torch.cat(ts), torch.cat(noises), torch.cat(eps)
 
 
 class Trainer:
@@ -99,6 +106,8 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         log_with = [t for t, on in (("tensorboard", cfg.logging.tensorboard), ("wandb", cfg.logging.wandb)) if on]
         self.acc = Accelerator(
+            # without an accelerator, cpu=True lets torchrun-launched processes form a gloo DDP group
+            cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
             mixed_precision=cfg.train.mixed_precision,
             log_with=log_with or None,
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
@@ -121,7 +130,9 @@ class Trainer:
         unet.requires_grad_(False)
         for name, module in bb.frozen_modules().items():
             dtype = torch.float32 if (name == "vae" and mc.vae_fp32) else self.weight_dtype
-            module.requires_grad_(False).to(acc.device, dtype)
+            module.requires_grad_(False).to(acc.device)
+            if module.dtype != dtype:
+                module.to(dtype)
         if cfg.train.attention == "xformers":
             try:
                 import xformers  # noqa: F401
@@ -135,7 +146,9 @@ class Trainer:
             from peft import LoraConfig
 
             lc = cfg.lora
-            unet.to(acc.device, self.weight_dtype)
+            unet.to(acc.device)
+            if self.weight_dtype != torch.float32:
+                unet.to(self.weight_dtype)
             unet.add_adapter(LoraConfig(r=lc.rank, lora_alpha=lc.alpha or lc.rank, lora_dropout=lc.dropout,
                                         init_lora_weights=True if lc.init == "default" else lc.init,
                                         target_modules=lc.target_modules))
@@ -233,17 +246,16 @@ class Trainer:
     def compute_loss(self, batch: dict, micro: int):
         bb = self.backbone
         K = self.objective.candidates or batch["phi"].shape[1]
-        if "latents" in batch:
-            x0 = batch["latents"][:, :K].to(self.acc.device, torch.float32)
+        if "latent_mean" in batch:  # from the cache
+            mean, std = batch["latent_mean"][:, :K].flatten(0, 1), batch["latent_std"][:, :K].flatten(0, 1)
         else:
-            pixels = batch["pixel_values"][:, :K]
-            B = pixels.shape[0]
-            x0 = bb.encode_images(pixels.flatten(0, 1)).float()
-            x0 = x0.view(B, K, *x0.shape[1:])
-        B = x0.shape[0]
-        t, noise = micro_step_noise(bb, self.cfg.train.seed, micro, self.global_batch, x0.shape[2:],
-                                    self.acc.process_index, self.cfg.train.batch_size)
-        t, noise = t[:B].to(self.acc.device), noise[:B].to(self.acc.device)
+            mean, std = bb.latent_posterior(batch["pixel_values"][:, :K].flatten(0, 1))
+        B = batch["phi"].shape[0]
+        first = micro * self.global_batch + self.acc.process_index * self.cfg.train.batch_size
+        t, noise, eps = item_noise(bb, self.cfg.train.seed, list(range(first, first + B)), K, mean.shape[1:])
+        x0 = bb.latents_from_posterior(mean.float(), std.float(), eps.flatten(0, 1).to(self.acc.device)).float()
+        x0 = x0.view(B, K, *x0.shape[1:])
+        t, noise = t.to(self.acc.device), noise.to(self.acc.device)
         cond = self._conditioning(batch, K)
         with self.acc.autocast():
             energy = bb.energies(self.unet, x0, noise, t, cond)
@@ -298,7 +310,7 @@ class Trainer:
                 self.counters.update(state["counters"])
                 acc.print(f"resumed from {path} at step {self.step}")
         if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "logs").mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(dump_config(cfg))
         acc.init_trackers("diffalign")
         acc.print(self.summary())
