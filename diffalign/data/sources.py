@@ -127,7 +127,7 @@ class HFSource(RowSource):
         self.fingerprint = _short_hash("hf", description, getattr(dataset, "_fingerprint", ""), self.num_rows)
 
     def column(self, name: str) -> list[Any]:
-        return self.ds.select_columns([name]).data.column(name).to_pylist()
+        return self.ds[name].to_pylist()  # arrow format: honours an indices mapping (select / shuffle)
 
     def row(self, index: int, columns: list[str]) -> dict[str, Any]:
         return self.ds[index].select(columns).to_pylist()[0]
