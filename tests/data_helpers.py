@@ -44,14 +44,16 @@ def pickapic_table(rows: list[dict], double_caption: bool = False, drop=(), type
     """rows: dicts with caption, jpg_0, jpg_1 (bytes), label_0 (+ optional caption_0/1, label_1).
     Every other Pick-a-Pic v2 column is filled in; `drop` removes columns; `types` overrides arrow types."""
     t0 = dt.datetime(2023, 5, 1)
-    cols: dict[str, list] = {c: [] for c in schema.DOUBLE_CAPTION_COLUMNS if double_caption or not c.startswith("caption_")}
+    cols: dict[str, list] = {
+        c: [] for c in schema.DOUBLE_CAPTION_COLUMNS if double_caption or not c.startswith("caption_")
+    }
     for i, r in enumerate(rows):
         l0 = r["label_0"]
         vals = {
             "are_different": True, "best_image_uid": f"u{i}-0", "caption": r.get("caption", f"prompt {i}"),
             "created_at": t0, "has_label": True, "image_0_uid": f"u{i}-0", "image_0_url": "http://x/0.jpg",
             "image_1_uid": f"u{i}-1", "image_1_url": "http://x/1.jpg", "jpg_0": r["jpg_0"], "jpg_1": r["jpg_1"],
-            "label_0": l0, "label_1": r.get("label_1", None if l0 is None else 1.0 - l0),
+            "label_0": l0, "label_1": r.get("label_1", 1.0 - l0 if isinstance(l0, float) else None),
             "model_0": "m0", "model_1": "m1", "ranking_id": i, "user_id": 7, "num_example_per_prompt": 1,
             "__index_level_0__": i, "caption_0": r.get("caption_0"), "caption_1": r.get("caption_1"),
         }  # fmt: skip

@@ -12,8 +12,8 @@ RED, BLUE = (255, 0, 0), (0, 0, 255)
 def _pair_file(tmp_path, labels, double_caption=False, sizes=((64, 48), (64, 48))):
     rows = [
         {"caption": f"p{i}", "jpg_0": jpeg(solid(RED, sizes[0])), "jpg_1": jpeg(solid(BLUE, sizes[1])),
-         "label_0": l, "caption_0": f"red {i}", "caption_1": f"blue {i}"}
-        for i, l in enumerate(labels)
+         "label_0": lab, "caption_0": f"red {i}", "caption_1": f"blue {i}"}
+        for i, lab in enumerate(labels)
     ]  # fmt: skip
     return write(pickapic_table(rows, double_caption=double_caption), tmp_path / "pairs.parquet")
 
@@ -34,7 +34,9 @@ def test_winner_first_swaps_when_label_0_is_0(tmp_path):
 
 
 def test_double_caption_swaps_captions_with_images(tmp_path):
-    ds = build_preference_dataset(_cfg(_pair_file(tmp_path, [1.0, 0.0], double_caption=True), format="double_caption"))
+    ds = build_preference_dataset(
+        _cfg(_pair_file(tmp_path, [1.0, 0.0], double_caption=True), format="double_caption")
+    )
     assert ds[0]["captions"] == ["red 0", "blue 0"]
     swapped = ds[1]
     assert swapped["captions"] == ["blue 1", "red 1"]
@@ -95,16 +97,22 @@ def test_caption_dropout_rate_joint_and_deterministic():
 
 
 def test_determinism_per_seed_epoch_index():
-    cfg = DataConfig(format="pickapic", source="builtin:pickapic", resolution=16, random_crop=True, builtin_rows=20)
+    cfg = DataConfig(
+        format="pickapic", source="builtin:pickapic", resolution=16, random_crop=True, builtin_rows=20
+    )
     a, b = build_preference_dataset(cfg, seed=5), build_preference_dataset(cfg, seed=5)
     b.set_epoch(2)
     a.set_epoch(2)
     for i in (0, 3, 7):
         x, y = a[i], b[i]
-        assert torch.equal(x["pixel_values"], y["pixel_values"]) and torch.equal(x["crop_top_left"], y["crop_top_left"])
+        assert torch.equal(x["pixel_values"], y["pixel_values"]) and torch.equal(
+            x["crop_top_left"], y["crop_top_left"]
+        )
         assert x["key"] == y["key"]
+
     def draws(ds):
         return [(ds[i]["crop_top_left"].tolist(), ds[i]["pixel_values"].sum().item()) for i in range(len(ds))]
+
     e2 = draws(a)
     a.set_epoch(3)
     assert draws(a) != e2  # a new epoch re-draws crop/flip
@@ -116,14 +124,22 @@ def test_determinism_per_seed_epoch_index():
 
 
 def test_collate_stacks_and_drops_none():
-    ds = build_preference_dataset(DataConfig(format="ranked", source="builtin:ranked", resolution=16, builtin_rows=6))
+    ds = build_preference_dataset(
+        DataConfig(format="ranked", source="builtin:ranked", resolution=16, builtin_rows=6)
+    )
     batch = collate_preference([ds[0], None, ds[1]])
     assert batch["pixel_values"].shape == (2, 4, 3, 16, 16)
     assert batch["phi"].shape == (2, 4) and batch["original_size"].shape == (2, 4, 2)
-    assert batch["crop_top_left"].dtype == torch.int64 and len(batch["captions"]) == 2 and len(batch["captions"][0]) == 4
+    assert (
+        batch["crop_top_left"].dtype == torch.int64
+        and len(batch["captions"]) == 2
+        and len(batch["captions"][0]) == 4
+    )
     assert batch["keys"] == [ds.key(0), ds.key(1)] and batch["skipped"] == 1
     assert (batch["phi"][:, :-1] >= batch["phi"][:, 1:]).all()  # best first
     assert collate_preference([None, None]) is None
-    pair = build_preference_dataset(DataConfig(format="pickapic", source="builtin:pickapic", resolution=16, builtin_rows=4))
+    pair = build_preference_dataset(
+        DataConfig(format="pickapic", source="builtin:pickapic", resolution=16, builtin_rows=4)
+    )
     with pytest.raises(ValueError, match="different numbers of candidates"):
         collate_preference([ds[0], pair[0]])

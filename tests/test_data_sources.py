@@ -29,19 +29,30 @@ def _check_pairs(ds, n, winner_colour=0):
 
 def test_parquet_file_dir_and_glob(tmp_path):
     write(pickapic_table(_rows(3)), tmp_path / "one.parquet")
-    _check_pairs(build_preference_dataset(DataConfig(format="pickapic", source=str(tmp_path / "one.parquet"), resolution=16)), 3)
+    _check_pairs(
+        build_preference_dataset(
+            DataConfig(format="pickapic", source=str(tmp_path / "one.parquet"), resolution=16)
+        ),
+        3,
+    )
     # A hub-style mirror: data/<split>-xxxxx-of-xxxxx.parquet; the split picks the shards.
     d = tmp_path / "mirror" / "data"
     d.mkdir(parents=True)
     write(pickapic_table(_rows(3)), d / "train-00000-of-00002.parquet")
     write(pickapic_table(_rows(2)), d / "train-00001-of-00002.parquet")
     write(pickapic_table(_rows(4, label=0.0)), d / "validation-00000-of-00001.parquet")
-    train = build_preference_dataset(DataConfig(format="pickapic", source=str(tmp_path / "mirror"), resolution=16))
+    train = build_preference_dataset(
+        DataConfig(format="pickapic", source=str(tmp_path / "mirror"), resolution=16)
+    )
     _check_pairs(train, 5)
     assert len({train.key(i) for i in range(5)}) == 5
-    val = build_preference_dataset(DataConfig(format="pickapic", source=str(tmp_path / "mirror"), split="validation", resolution=16))
+    val = build_preference_dataset(
+        DataConfig(format="pickapic", source=str(tmp_path / "mirror"), split="validation", resolution=16)
+    )
     _check_pairs(val, 4, winner_colour=2)
-    glob_ds = build_preference_dataset(DataConfig(format="pickapic", source=str(d / "train-*.parquet"), resolution=16))
+    glob_ds = build_preference_dataset(
+        DataConfig(format="pickapic", source=str(d / "train-*.parquet"), resolution=16)
+    )
     _check_pairs(glob_ds, 5)
 
 
@@ -50,13 +61,19 @@ def test_save_to_disk_folder_with_image_feature(tmp_path):
     table = pickapic_table(_rows(3, label=0.0), double_caption=True)
     ds = datasets.Dataset(table)
     ds = ds.cast_column("jpg_0", datasets.Image()).cast_column("jpg_1", datasets.Image())
-    ds = datasets.DatasetDict({"train": ds.map(lambda r, i: {"caption_0": f"red {i}", "caption_1": f"blue {i}"}, with_indices=True)})
+    ds = datasets.DatasetDict(
+        {"train": ds.map(lambda r, i: {"caption_0": f"red {i}", "caption_1": f"blue {i}"}, with_indices=True)}
+    )
     ds.save_to_disk(str(tmp_path / "dcpo"))
-    out = build_preference_dataset(DataConfig(format="double_caption", source=str(tmp_path / "dcpo"), resolution=16))
+    out = build_preference_dataset(
+        DataConfig(format="double_caption", source=str(tmp_path / "dcpo"), resolution=16)
+    )
     item = _check_pairs(out, 3, winner_colour=2)
     assert item["captions"] == ["blue 2", "red 2"]
     with pytest.raises(ValueError, match="no split 'test'"):
-        build_preference_dataset(DataConfig(format="double_caption", source=str(tmp_path / "dcpo"), split="test"))
+        build_preference_dataset(
+            DataConfig(format="double_caption", source=str(tmp_path / "dcpo"), split="test")
+        )
 
 
 def test_hub_id_through_load_dataset(monkeypatch, tmp_path):
@@ -68,7 +85,9 @@ def test_hub_id_through_load_dataset(monkeypatch, tmp_path):
         return local
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    ds = build_preference_dataset(DataConfig(format="pickapic", source="kashif/pickascore", split="validation", resolution=16))
+    ds = build_preference_dataset(
+        DataConfig(format="pickapic", source="kashif/pickascore", split="validation", resolution=16)
+    )
     _check_pairs(ds, 4)
     assert calls == [("kashif/pickascore", "validation")]
     assert "hub:kashif/pickascore" in ds.describe()
@@ -78,19 +97,32 @@ def test_jsonl_pairs_and_ranked(tmp_path):
     (tmp_path / "img").mkdir()
     for name, colour in (("r", RED), ("b", BLUE), ("g", GREEN)):
         solid(colour, (40, 30)).save(tmp_path / "img" / f"{name}.png")
-    lines = [{"prompt": "a", "chosen": "img/b.png", "rejected": "img/r.png"}, {"prompt": "b", "chosen": "img/g.png", "rejected": "img/b.png"}]
+    lines = [
+        {"prompt": "a", "chosen": "img/b.png", "rejected": "img/r.png"},
+        {"prompt": "b", "chosen": "img/g.png", "rejected": "img/b.png"},
+    ]
     (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
-    ds = build_preference_dataset(DataConfig(format="jsonl", source=str(tmp_path / "pairs.jsonl"), resolution=16))
+    ds = build_preference_dataset(
+        DataConfig(format="jsonl", source=str(tmp_path / "pairs.jsonl"), resolution=16)
+    )
     assert len(ds) == 2 and ds[0]["phi"].tolist() == [1.0, 0.0] and ds[1]["captions"] == ["b", "b"]
     assert mean_rgb(ds[0]["pixel_values"][0])[2] > 240 and ds[0]["original_size"][0].tolist() == [30, 40]
     ranked = [{"prompt": "x", "images": ["img/r.png", "img/g.png", "img/b.png"], "scores": [0.1, 0.9, 0.5]}]
     (tmp_path / "ranked.jsonl").write_text(json.dumps(ranked[0]) + "\n")
-    rk = build_preference_dataset(DataConfig(format="jsonl", source=str(tmp_path / "ranked.jsonl"), resolution=16))
+    rk = build_preference_dataset(
+        DataConfig(format="jsonl", source=str(tmp_path / "ranked.jsonl"), resolution=16)
+    )
     item = rk[0]
     assert item["phi"].tolist() == [1.0, 0.5, 0.0]  # one scorer: phi = wins / (k - 1)
-    assert [max(range(3), key=lambda c: mean_rgb(p)[c]) for p in item["pixel_values"]] == [1, 2, 0]  # green, blue, red
+    assert [max(range(3), key=lambda c: mean_rgb(p)[c]) for p in item["pixel_values"]] == [
+        1,
+        2,
+        0,
+    ]  # green, blue, red
     assert rk.stats["phi_from_scores"] == 1
-    pairs = build_preference_dataset(DataConfig(format="jsonl", source=str(tmp_path / "ranked.jsonl"), resolution=16, ranked_as_pairs=True))
+    pairs = build_preference_dataset(
+        DataConfig(format="jsonl", source=str(tmp_path / "ranked.jsonl"), resolution=16, ranked_as_pairs=True)
+    )
     assert pairs[0]["pixel_values"].shape[0] == 2 and pairs[0]["phi"].tolist() == [1.0, 0.0]
 
 
@@ -100,7 +132,9 @@ def test_hpdv2_train_json(tmp_path):
     solid(BLUE, (32, 32)).save(tmp_path / "train" / "b.jpg")
     rows = [{"prompt": "p", "file_path": ["a.jpg", "b.jpg"], "human_preference": [0, 1]}]
     (tmp_path / "train.json").write_text(json.dumps(rows))
-    ds = build_preference_dataset(DataConfig(format="hpdv2", source=str(tmp_path / "train.json"), resolution=16))
+    ds = build_preference_dataset(
+        DataConfig(format="hpdv2", source=str(tmp_path / "train.json"), resolution=16)
+    )
     assert mean_rgb(ds[0]["pixel_values"][0])[2] > 240 and ds[0]["phi"].tolist() == [1.0, 0.0]
 
 
@@ -112,7 +146,9 @@ def test_builtin_sources_have_the_real_schema(fmt, builtin_cache):  # noqa: F811
     expected = {"pickapic": schema.PICKAPIC_V2_COLUMNS, "double_caption": schema.DOUBLE_CAPTION_COLUMNS,
                 "ranked": schema.RANKED_COLUMNS}[fmt]  # fmt: skip
     assert list(names) == list(expected)
-    ds = build_preference_dataset(DataConfig(format=fmt, source=f"builtin:{fmt}", builtin_rows=20, builtin_seed=3, resolution=16))
+    ds = build_preference_dataset(
+        DataConfig(format=fmt, source=f"builtin:{fmt}", builtin_rows=20, builtin_seed=3, resolution=16)
+    )
     if fmt == "ranked":
         assert len(ds) == 20 and ds.num_candidates == 4
     else:

@@ -40,8 +40,11 @@ def test_random_crop_is_joint_and_follows_the_rng():
     o1 = transform_item(imgs, 32, True, False, np.random.default_rng(3))
     o2 = transform_item(imgs, 32, True, False, np.random.default_rng(3))
     assert torch.equal(o1["pixel_values"], o2["pixel_values"])
-    tops_lefts = {tuple(transform_item(imgs, 32, True, False, np.random.default_rng(s))["crop_top_left"][0].tolist()) for s in range(20)}
-    assert len(tops_lefts) > 3 and all(t == 0 and 0 <= l <= 16 for t, l in tops_lefts)  # image is 32x48
+    tops_lefts = {
+        tuple(transform_item(imgs, 32, True, False, np.random.default_rng(s))["crop_top_left"][0].tolist())
+        for s in range(20)
+    }
+    assert len(tops_lefts) > 3 and all(t == 0 and 0 <= lf <= 16 for t, lf in tops_lefts)  # image is 32x48
     assert (o1["crop_top_left"][0] == o1["crop_top_left"][1]).all()
     with pytest.raises(ValueError, match="crop_rng"):
         transform_item(imgs, 32, True, False, None)
