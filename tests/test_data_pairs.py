@@ -143,3 +143,15 @@ def test_collate_stacks_and_drops_none():
     )
     with pytest.raises(ValueError, match="different numbers of candidates"):
         collate_preference([ds[0], pair[0]])
+
+
+def test_dataloader_workers_see_the_same_items():
+    from torch.utils.data import DataLoader
+
+    cfg = DataConfig(format="pickapic", source="builtin:pickapic", resolution=16, random_crop=True, builtin_rows=12)
+    ds = build_preference_dataset(cfg, seed=2)
+    ds.set_epoch(1)
+    loader = DataLoader(ds, batch_size=4, num_workers=1, collate_fn=collate_preference)
+    first = next(iter(loader))
+    local = collate_preference([ds[i] for i in range(4)])
+    assert torch.equal(first["pixel_values"], local["pixel_values"]) and first["keys"] == local["keys"]
