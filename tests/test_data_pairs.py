@@ -148,7 +148,9 @@ def test_collate_stacks_and_drops_none():
 def test_dataloader_workers_see_the_same_items():
     from torch.utils.data import DataLoader
 
-    cfg = DataConfig(format="pickapic", source="builtin:pickapic", resolution=16, random_crop=True, builtin_rows=12)
+    cfg = DataConfig(
+        format="pickapic", source="builtin:pickapic", resolution=16, random_crop=True, builtin_rows=12
+    )
     ds = build_preference_dataset(cfg, seed=2)
     ds.set_epoch(1)
     loader = DataLoader(ds, batch_size=4, num_workers=1, collate_fn=collate_preference)
