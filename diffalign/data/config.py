@@ -24,7 +24,9 @@ class DataConfig(pydantic.BaseModel, extra="forbid"):
     resolution: int = pydantic.Field(512, ge=8)
     random_crop: bool = False  # Salesforce / diffusers default: center crop
     random_flip: bool = True  # joint flip: all candidates of an item together
-    caption_dropout: float = pydantic.Field(0.0, ge=0.0, le=1.0)  # Salesforce recipe: 0.2; all K captions -> ""
+    caption_dropout: float = pydantic.Field(
+        0.0, ge=0.0, le=1.0
+    )  # Salesforce recipe: 0.2; all K captions -> ""
     drop_ties: bool = True
     max_items: int | None = pydantic.Field(None, ge=1)
     ranked_as_pairs: bool = False  # ranked rows -> (best, worst) by phi

@@ -62,7 +62,9 @@ def _is_list_of(t: pa.DataType, pred) -> bool:
 def _is_scores(t: pa.DataType) -> bool:
     if _is_list_of(t, _is_number):
         return True
-    return pa.types.is_struct(t) and all(_is_list_of(t.field(i).type, _is_number) for i in range(t.num_fields))
+    return pa.types.is_struct(t) and all(
+        _is_list_of(t.field(i).type, _is_number) for i in range(t.num_fields)
+    )
 
 
 def _check_columns(src: RowSource, wanted: dict[str, tuple[str, Any, str]], fmt: str) -> None:
@@ -77,7 +79,9 @@ def _check_columns(src: RowSource, wanted: dict[str, tuple[str, Any, str]], fmt:
     for col, pred, expected in wanted.values():
         t = src.schema.field(col).type
         if not pred(t):
-            raise DataFormatError(f"{fmt} source {src.description}: column {col!r} has type {t}, expected {expected}")
+            raise DataFormatError(
+                f"{fmt} source {src.description}: column {col!r} has type {t}, expected {expected}"
+            )
 
 
 # ------------------------------------------------------------------------------------- preference maths
@@ -159,7 +163,9 @@ class PreferenceDataset(Dataset):
 
     def describe(self) -> str:
         st = self.stats
-        skipped = ", ".join(f"{k} {v}" for k, v in sorted(st.items()) if k not in ("rows_read", "items") and v)
+        skipped = ", ".join(
+            f"{k} {v}" for k, v in sorted(st.items()) if k not in ("rows_read", "items") and v
+        )
         return (
             f"{self.cfg.format} data from {self.src.description} (split {self.cfg.split}): "
             f"{st.get('rows_read', 0)} rows -> {len(self)} items of K={self.num_candidates}; "
@@ -200,7 +206,9 @@ class PreferenceDataset(Dataset):
             stored = row[cfg.column("images")]
             if stored is None or len(stored) != int(self.n_images[index]):
                 got = "null" if stored is None else len(stored)
-                self._skip("length_mismatch", index, f"{got} images but {int(self.n_images[index])} preferences")
+                self._skip(
+                    "length_mismatch", index, f"{got} images but {int(self.n_images[index])} preferences"
+                )
                 return None
             captions = [row[cfg.column("prompt")]] * len(order)
         if any(c is None for c in captions):
@@ -243,7 +251,11 @@ def _pair_plan(cfg: DataConfig, src: RowSource, stats: Counter):
     _check_columns(src, wanted, fmt)
     label0 = src.column(cfg.column("label_0"))
     lab1_col = cfg.column("label_1")
-    label1 = src.column(lab1_col) if lab1_col in src.column_names and _is_number(src.schema.field(lab1_col).type) else None
+    label1 = (
+        src.column(lab1_col)
+        if lab1_col in src.column_names and _is_number(src.schema.field(lab1_col).type)
+        else None
+    )
     rows, orders, phis = [], [], []
     for i, l0 in enumerate(label0):
         if l0 is None or (isinstance(l0, float) and math.isnan(l0)):
@@ -320,7 +332,11 @@ def _row_phi(cfg: DataConfig, src: RowSource, stats: Counter) -> list[list[float
 def _ranked_plan(cfg: DataConfig, src: RowSource, stats: Counter):
     wanted = {
         "prompt": (cfg.column("prompt"), _is_text, "text (string)"),
-        "images": (cfg.column("images"), lambda t: _is_list_of(t, _is_image), "a list of images (bytes/paths)"),
+        "images": (
+            cfg.column("images"),
+            lambda t: _is_list_of(t, _is_image),
+            "a list of images (bytes/paths)",
+        ),
     }
     _check_columns(src, wanted, cfg.format)
     all_phi = _row_phi(cfg, src, stats)
@@ -404,7 +420,9 @@ def _json_source(cfg: DataConfig) -> RowSource:
         rows.append({"prompt": prompt, "images": images, **pref})
     if cfg.format == "hpdv2" and rows and rows[0]["images"]:  # HPDv2 keeps images under <root>/<split>/
         first = rows[0]["images"][0]
-        if not os.path.exists(os.path.join(base, first)) and os.path.exists(os.path.join(base, cfg.split, first)):
+        if not os.path.exists(os.path.join(base, first)) and os.path.exists(
+            os.path.join(base, cfg.split, first)
+        ):
             base = os.path.join(base, cfg.split)
     fields = [("prompt", pa.string()), ("images", pa.list_(pa.string()))]
     fields += [(k, pa.list_(pa.float64())) for k in ("phi", "rank") if any(k in r for r in rows)]
@@ -434,7 +452,12 @@ def build_preference_dataset(cfg: DataConfig, seed: int = 0) -> PreferenceDatase
     rows, orders, phis, n_images = plan(cfg, src, stats)
     if cfg.max_items is not None and len(rows) > cfg.max_items:
         stats["over_max_items"] += len(rows) - cfg.max_items
-        rows, orders, phis, n_images = rows[: cfg.max_items], orders[: cfg.max_items], phis[: cfg.max_items], n_images[: cfg.max_items]
+        rows, orders, phis, n_images = (
+            rows[: cfg.max_items],
+            orders[: cfg.max_items],
+            phis[: cfg.max_items],
+            n_images[: cfg.max_items],
+        )
     k = len(orders[0]) if orders else (2 if cfg.format in PAIR_FORMATS or cfg.ranked_as_pairs else 0)
     ds = PreferenceDataset(
         cfg,

@@ -127,7 +127,7 @@ class HFSource(RowSource):
         self.fingerprint = _short_hash("hf", description, getattr(dataset, "_fingerprint", ""), self.num_rows)
 
     def column(self, name: str) -> list[Any]:
-        return self.ds.select_columns([name]).data.column(name).to_pylist()
+        return self.ds[name].to_pylist()  # arrow format: honours an indices mapping (select / shuffle)
 
     def row(self, index: int, columns: list[str]) -> dict[str, Any]:
         return self.ds[index].select(columns).to_pylist()[0]
@@ -136,7 +136,9 @@ class HFSource(RowSource):
 class ListSource(RowSource):
     """Rows held in memory (jsonl / HPDv2 json): small text rows whose images are file paths."""
 
-    def __init__(self, rows: list[dict[str, Any]], schema: pa.Schema, description: str, base_dir: str, fp: str):
+    def __init__(
+        self, rows: list[dict[str, Any]], schema: pa.Schema, description: str, base_dir: str, fp: str
+    ):
         self.rows = rows
         self.schema = schema
         self.description = description
@@ -157,7 +159,8 @@ class ListSource(RowSource):
 
 def _is_disk_dataset(path: str) -> bool:
     return os.path.isdir(path) and (
-        os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(os.path.join(path, "dataset_dict.json"))
+        os.path.isfile(os.path.join(path, "state.json"))
+        or os.path.isfile(os.path.join(path, "dataset_dict.json"))
     )
 
 

@@ -34,7 +34,9 @@ def cache_dir() -> str:
     return os.environ.get("DIFFALIGN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "diffalign")
 
 
-def render(colour: str, shape: str, size: tuple[int, int], noise: float, rng: np.random.Generator) -> Image.Image:
+def render(
+    colour: str, shape: str, size: tuple[int, int], noise: float, rng: np.random.Generator
+) -> Image.Image:
     """A shape of `colour` centred on a light background, plus Gaussian noise of std `noise` (0..1)."""
     w, h = size
     img = Image.new("RGB", (w, h), (235, 235, 235))
@@ -121,7 +123,9 @@ def ranked_table(rows: int, seed: int, k: int = 4) -> pa.Table:
     from diffalign.data.dataset import phi_from_scores
 
     rng = np.random.default_rng(seed)
-    out: dict[str, list] = {c: [] for c in ("prompt", "images", "generators", "seeds", "scores", "phi", "rank")}
+    out: dict[str, list] = {
+        c: [] for c in ("prompt", "images", "generators", "seeds", "scores", "phi", "rank")
+    }
     for i in range(rows):
         colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
         size = SIZES[int(rng.integers(len(SIZES)))]

@@ -62,7 +62,9 @@ def decode_image(value, base_dir: str | None = None) -> Image.Image:
 def check_size(img: Image.Image, min_side: int) -> None:
     """Raise UnusableImage("too_small") if the shorter side is below `min_side` (1x1 always fails)."""
     if min(img.size) < max(2, min_side):
-        raise UnusableImage("too_small", f"image {img.size[0]}x{img.size[1]} has a side below {max(2, min_side)} px")
+        raise UnusableImage(
+            "too_small", f"image {img.size[0]}x{img.size[1]} has a side below {max(2, min_side)} px"
+        )
 
 
 def resized_shape(height: int, width: int, resolution: int) -> tuple[int, int]:
