@@ -9,13 +9,12 @@ training-time relabelling, so they never assume where they are called from.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Union
 
 import torch
 from PIL import Image
 
-Images = Union[Sequence[Image.Image], torch.Tensor]
-Prompts = Union[Sequence[str], str]
+Images = Sequence[Image.Image] | torch.Tensor
+Prompts = Sequence[str] | str
 
 
 class Scorer:
