@@ -32,7 +32,7 @@ def _features(out) -> torch.Tensor:
 
 def hf_pil_image_transform(processor) -> Callable[[list], torch.Tensor]:
     """The transformers CLIP image processor on its PIL backend (the path transformers 4.x used, and so
-    the path the PickScore / torchmetrics references scored with): RGB convert, shortest side -> size
+    the path the PickScore / torchmetrics references scored with): RGB convert (alpha dropped), shortest side -> size
     bicubic (long side truncated with int()), centre crop with floor offsets, /255, OpenAI normalise."""
     from transformers import CLIPImageProcessorPil
 
@@ -43,7 +43,10 @@ def hf_pil_image_transform(processor) -> Callable[[list], torch.Tensor]:
         )
 
     def transform(images) -> torch.Tensor:
-        return processor(images=as_pil_list(images), return_tensors="pt")["pixel_values"]
+        # Convert to RGB ourselves: transformers 4.x dropped alpha (`convert("RGB")`), transformers 5
+        # composites transparency onto white, which changes scores of RGBA inputs.
+        rgb = [im.convert("RGB") for im in as_pil_list(images)]
+        return processor(images=rgb, return_tensors="pt")["pixel_values"]
 
     return transform
 
