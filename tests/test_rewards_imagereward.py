@@ -214,3 +214,14 @@ def test_tiny_factory_and_bf16():
     bf = create_scorer("imagereward", tiny=True, dtype="bf16", device="cpu")
     assert bf.model.head[0].weight.dtype == torch.float32  # head stays fp32 like the reference
     torch.testing.assert_close(bf.score(imgs, "a cat"), ref, atol=0.5, rtol=0)
+
+
+def test_real_configs_carry_reference_values():
+    # eps differences (1e-6 vs HF's 1e-5) are too small for the tiny forward to notice: pin them here
+    from diffalign.rewards.imagereward import blip_configs
+
+    v, t = blip_configs(tiny=False)
+    assert (v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.intermediate_size) == (1024, 24, 16, 4096)
+    assert (v.patch_size, v.image_size, v.layer_norm_eps, v.hidden_act) == (16, 224, 1e-6, "gelu")
+    assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.intermediate_size) == (768, 12, 12, 3072)
+    assert (t.vocab_size, t.max_position_embeddings, t.layer_norm_eps, t.encoder_hidden_size) == (30524, 512, 1e-12, 1024)
