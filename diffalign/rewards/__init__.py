@@ -1,5 +1,11 @@
-"""Reward models behind one interface: `create_scorer(name).score(images, prompts)`."""
+"""Reward models behind one interface: `create_scorer(name).score(images, prompts)`.
 
+Built-in scorers (each module imports torch-heavy libraries lazily, inside functions):
+`pickscore`, `hpsv2`, `hpsv2.1`, `imagereward`, `clipscore` (100*cos, ViT-L/14), `clip-s` (2.5*cos, ViT-B/32).
+"""
+
+# Imported for their @register_scorer side effect.
+from diffalign.rewards import clipscore, hps, imagereward, pickscore  # noqa: E402, F401, I001
 from diffalign.rewards.base import Scorer, available_scorers, create_scorer, register_scorer
 
 __all__ = ["Scorer", "available_scorers", "create_scorer", "register_scorer"]

@@ -1,0 +1,93 @@
+"""CLIP score, in the two conventions papers mix up (always say which one you report).
+
+- `clipscore`: the torchmetrics convention, 100 * cos(image, prompt) with `openai/clip-vit-large-patch14`,
+  clamped at 0 (per image here; torchmetrics clamps the mean, identical unless some cosines are negative).
+  Images go through the model's CLIP image processor (PIL backend, as transformers 4 did).
+- `clip-s`: the original CLIP-S of Hessel et al. 2021 (jmhessel/clipscore), 2.5 * max(cos, 0) with
+  `openai/clip-vit-base-patch32`, the text prefixed with "A photo depicts ", OpenAI `clip.load`
+  preprocessing (torchvision Resize + CenterCrop on PIL).
+
+Computed directly: torchmetrics' CLIPScore breaks on transformers 5 and loads its model at construction.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffalign.rewards._common import resolve_dtype
+from diffalign.rewards._hf_clip import (
+    HFCLIPScorer,
+    hf_pil_image_transform,
+    load_hf_clip,
+    openai_clip_image_transform,
+    tiny_clip_components,
+)
+from diffalign.rewards.base import register_scorer
+
+CLIPSCORE_MODEL = "openai/clip-vit-large-patch14"
+CLIP_S_MODEL = "openai/clip-vit-base-patch32"
+CLIP_S_PREFIX = "A photo depicts "
+
+
+class CLIPScoreScorer(HFCLIPScorer):
+    """torchmetrics-style CLIPScore: 100 * max(cos, 0)."""
+
+    name = "clipscore"
+
+    def _from_cosine(self, cos: torch.Tensor) -> torch.Tensor:
+        return 100.0 * cos.clamp(min=0)
+
+
+class CLIPSScorer(HFCLIPScorer):
+    """Original CLIP-S: 2.5 * max(cos, 0) with the "A photo depicts " prefix."""
+
+    name = "clip-s"
+
+    def _from_cosine(self, cos: torch.Tensor) -> torch.Tensor:
+        return 2.5 * cos.clamp(min=0)
+
+
+@register_scorer("clipscore")
+def build_clipscore(
+    model: str = CLIPSCORE_MODEL,
+    processor: str | None = None,
+    device=None,
+    dtype=None,
+    batch_size: int = 32,
+    tiny: bool = False,
+    seed: int = 0,
+) -> CLIPScoreScorer:
+    if tiny:
+        clip, tokenizer, image_processor = tiny_clip_components(seed=seed)
+    else:
+        clip, tokenizer, image_processor = load_hf_clip(model, processor, resolve_dtype(dtype))
+    return CLIPScoreScorer(
+        clip, tokenizer, hf_pil_image_transform(image_processor), device=device, dtype=dtype, batch_size=batch_size
+    )
+
+
+@register_scorer("clip-s")
+def build_clip_s(
+    model: str = CLIP_S_MODEL,
+    processor: str | None = None,
+    device=None,
+    dtype=None,
+    batch_size: int = 32,
+    prefix: str = CLIP_S_PREFIX,
+    tiny: bool = False,
+    seed: int = 0,
+) -> CLIPSScorer:
+    if tiny:
+        clip, tokenizer, _ = tiny_clip_components(seed=seed)
+    else:
+        clip, tokenizer, _ = load_hf_clip(model, processor, resolve_dtype(dtype))
+    size = clip.config.vision_config.image_size
+    return CLIPSScorer(
+        clip,
+        tokenizer,
+        openai_clip_image_transform(size),
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        prefix=prefix,
+    )
