@@ -115,9 +115,12 @@ def _plots(summary: dict, rows_by_model: dict[str, list[dict]]) -> list[tuple[st
         ax1.bar(range(len(labels)), means, yerr=sems, capsize=4, color=[f"C{i}" for i in range(len(labels))])
         ax1.set_xticks(range(len(labels)), labels, rotation=15, fontsize=8)
         ax1.set_title(f"{s}: mean ± sem")
-        for i, m in enumerate(labels):
-            vals = [r["scores"][s] for r in rows_by_model[m] if s in r["scores"]]
-            ax2.hist(vals, bins=20, alpha=0.5, label=m, color=f"C{i}")
+        per_model = [[r["scores"][s] for r in rows_by_model[m] if s in r["scores"]] for m in labels]
+        everything = [v for vals in per_model for v in vals]
+        lo, hi = (min(everything), max(everything)) if everything else (0.0, 1.0)
+        bins = [lo + (hi - lo) * j / 20 for j in range(21)] if hi > lo else 20  # shared bins across models
+        for i, (m, vals) in enumerate(zip(labels, per_model, strict=True)):
+            ax2.hist(vals, bins=bins, alpha=0.5, label=m, color=f"C{i}")
         ax2.set_title(f"{s}: distribution over images")
         ax2.legend(fontsize=7)
         out.append((s, _png_b64(fig)))
