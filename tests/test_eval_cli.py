@@ -145,6 +145,8 @@ def test_clear_errors_for_bad_checkpoints(models, tmp_path, capsys):
     assert "LoRA folder" in capsys.readouterr().err
     assert _run(["--model", models["base"], "--suite", "no-such-suite", "--out", tmp_path / "o"]) == 2
     assert "no suite" in capsys.readouterr().err
+    assert _run(["--model", models["base"], "--suite", models["suite"], "--scorers", "nowhere.mod:X", "--out", tmp_path / "o"]) == 2
+    assert "cannot be imported" in capsys.readouterr().err
 
 
 def test_score_existing_images_layout_and_flat(models, tmp_path, capsys):

@@ -25,7 +25,10 @@ def build_scorers(specs: list[str], device: str | None = None) -> dict:
     for spec in specs:
         if ":" in spec:
             module, _, attr = spec.partition(":")
-            factory = getattr(importlib.import_module(module), attr)
+            try:
+                factory = getattr(importlib.import_module(module), attr)
+            except (ImportError, AttributeError) as e:
+                raise KeyError(f"scorer {spec!r} cannot be imported: {e}") from e
             name = None
         else:
             _import_builtin()

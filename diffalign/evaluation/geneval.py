@@ -327,6 +327,11 @@ class Mask2FormerDetector(Detector):
         n = model.config.num_labels
         if n != len(OBJECT_NAMES):
             raise ValueError(f"GenEval needs a COCO instance model with 80 classes; this one has {n}")
+        first = str(getattr(model.config, "id2label", {}).get(0, "person")).lower()
+        if first not in ("person", "label_0"):
+            import warnings
+
+            warnings.warn(f"detector class 0 is {first!r}, not 'person': is it in COCO order?", stacklevel=2)
 
     @property
     def model(self):
