@@ -108,6 +108,8 @@ class CacheConfig(_Section):
     #: read VAE latents and text conditioning from a `diffalign cache` directory instead of encoding each step
     enabled: bool = False
     dir: str | None = None  # None: <output_dir>/cache
+    #: storage precision of latent posteriors and text conditioning; fp32 keeps cached == uncached exactly
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
 
 
 class Config(_Section):

@@ -2,7 +2,7 @@
 crop/flip transform and the collate function. docs/data.md is the user guide."""
 
 from diffalign.data.config import DataConfig
-from diffalign.data.dataset import PreferenceDataset, build_preference_dataset, collate_preference
+from diffalign.data.dataset import PreferenceDataset, build_preference_dataset, collate_preference, item_draws
 from diffalign.data.sources import DataFormatError
 from diffalign.data.transforms import transform_item
 
@@ -12,5 +12,6 @@ __all__ = [
     "PreferenceDataset",
     "build_preference_dataset",
     "collate_preference",
+    "item_draws",
     "transform_item",
 ]

@@ -115,6 +115,16 @@ def phi_from_rank(rank: Any) -> list[float] | None:
 # ------------------------------------------------------------------------------------------- the dataset
 
 
+def item_draws(cfg: DataConfig, seed: int, epoch: int, index: int) -> tuple[np.random.Generator, bool, bool]:
+    """The random decisions of one item: (rng for the crop, flip, caption dropout). The one place they are
+    drawn, so the latent cache and the trainer make the same ones. Both numbers are always drawn, so the
+    streams do not depend on the settings."""
+    rng = np.random.default_rng([seed, epoch, index])
+    flip = bool(rng.random() < 0.5) and cfg.random_flip
+    drop = bool(rng.random() < cfg.caption_dropout)
+    return rng, flip, drop
+
+
 class PreferenceDataset(Dataset):
     """Item i: None (unusable, counted in `stats`) or a dict (see docs/data.md):
     pixel_values float32 [K,3,R,R] in [-1,1] best first; captions list[str] (K); phi float32 [K];
@@ -136,6 +146,8 @@ class PreferenceDataset(Dataset):
         self.rows, self.order, self.phi, self.n_images = rows, order, phi, n_images
         self.seed = int(seed)
         self.epoch = 0
+        #: the latent cache sets this to encode both orientations; None: the seeded draw decides
+        self.force_flip: bool | None = None
         self._build_stats = build_stats
         self._skipped: dict[str, set[int]] = {}
         self._min_side = cfg.effective_min_side()
@@ -177,6 +189,19 @@ class PreferenceDataset(Dataset):
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])
+
+    def captions(self, index: int) -> list[str]:
+        """The K captions of an item, best first, without decoding its images (for the latent cache)."""
+        cfg = self.cfg
+        order = [int(j) for j in self.order[index]]
+        if self._pair and cfg.format == "double_caption":
+            row = self.src.row(int(self.rows[index]), [cfg.column("caption_0"), cfg.column("caption_1")])
+            caps = [row[cfg.column("caption_0")], row[cfg.column("caption_1")]]
+            caps = [caps[j] for j in order]
+        else:
+            col = cfg.column("caption") if self._pair else cfg.column("prompt")
+            caps = [self.src.row(int(self.rows[index]), [col])[col]] * len(order)
+        return ["" if c is None else c for c in caps]
 
     def key(self, index: int) -> str:
         return f"{self.cfg.format}:{self.src.fingerprint}:{int(self.rows[index])}"
@@ -228,9 +253,9 @@ class PreferenceDataset(Dataset):
         except UnusableImage as err:
             self._skip(err.reason, index, str(err))
             return None
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        flip = bool(rng.random() < 0.5) and cfg.random_flip  # draw both numbers always: stable streams
-        drop = bool(rng.random() < cfg.caption_dropout)
+        rng, flip, drop = item_draws(cfg, self.seed, self.epoch, index)
+        if self.force_flip is not None:
+            flip = self.force_flip
         out = transform_item(images, cfg.resolution, cfg.random_crop, flip, rng)
         out["captions"] = [""] * len(captions) if drop else list(captions)
         out["phi"] = torch.from_numpy(self.phi[index].astype(np.float32))

@@ -270,7 +270,8 @@ class Trainer:
         from diffalign.data import collate_preference
 
         self.sampler = sampler
-        return DataLoader(_EpochIndexed(self.dataset), batch_sampler=sampler, collate_fn=collate_preference,
+        collate = getattr(self.dataset, "collate", collate_preference)
+        return DataLoader(_EpochIndexed(self.dataset), batch_sampler=sampler, collate_fn=collate,
                           num_workers=self.cfg.train.num_workers)
 
     def _zero_loss(self) -> torch.Tensor:

@@ -1,0 +1,239 @@
+"""The latent and text-conditioning cache (`diffalign cache CONFIG`).
+
+Training then reads VAE posteriors and text conditioning from safetensors shards instead of running the
+VAE and the text encoders every step. What is stored keeps cached training equal to uncached training:
+- per item and orientation (both, when data.random_flip is on): the VAE posterior's mean and std of every
+  candidate, so the trainer draws the same posterior sample it would draw from pixels; plus the SDXL
+  size/crop ids;
+- per unique caption (and for ""): the text conditioning, so caption dropout still works.
+The flip and dropout of each step are drawn by `item_draws`, the same function the uncached path uses.
+A cache made with another model, other preprocessing or other data is refused, naming what differs.
+Random crops cannot be precomputed: data.random_crop with the cache is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from diffalign.data.dataset import item_draws
+
+INDEX = "index.json"
+FORMAT_VERSION = 1
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class CacheMismatchError(ValueError):
+    pass
+
+
+def cache_dir_for(cfg) -> Path:
+    return Path(cfg.cache.dir) if cfg.cache.dir else Path(cfg.output_dir) / "cache"
+
+
+def _caption_id(caption: str) -> str:
+    return hashlib.sha256(caption.encode()).hexdigest()[:24]
+
+
+def fingerprint(cfg, backbone, n_items: int) -> dict:
+    d = cfg.data
+    data = d.model_dump(mode="json")
+    for k in ("max_items",):  # a cache of more items serves a run that uses fewer
+        data.pop(k, None)
+    return {"version": FORMAT_VERSION, "model": backbone.fingerprint(), "data": data, "seed": cfg.train.seed,
+            "dtype": cfg.cache.dtype}
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: cache has {va!r}, config has {vb!r}")
+    return out
+
+
+def build_cache(cfg, backbone=None, device: str | None = None, shard_items: int = 256) -> Path:
+    """Encode every item of cfg.data (both flips when random_flip) and every caption; write shards + index."""
+    from tqdm.auto import tqdm
+
+    from diffalign.backbones import load_backbone
+    from diffalign.data import build_preference_dataset
+
+    if cfg.data.random_crop:
+        raise ValueError("data.random_crop cannot be cached (the crop changes every epoch); set "
+                         "data.random_crop=false or cache.enabled=false")
+    mc = cfg.model
+    backbone = backbone or load_backbone(mc.pretrained, mc.family, mc.revision, mc.variant, mc.vae, mc.prediction_type)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for m in backbone.frozen_modules().values():
+        m.to(device)
+    dtype = _DTYPES[cfg.cache.dtype]
+    ds = build_preference_dataset(cfg.data, seed=cfg.train.seed)
+    out = cache_dir_for(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    flips = [False, True] if cfg.data.random_flip else [False]
+    items: dict[str, str] = {}
+    captions: dict[str, str] = {}
+    cond_keys: list[str] = []
+    pending_items: dict[str, torch.Tensor] = {}
+    pending_caps: dict[str, str] = {}
+    shard = 0
+
+    def flush() -> None:
+        nonlocal shard, pending_items, pending_caps
+        if not pending_items and not pending_caps:
+            return
+        name = f"shard-{shard:05d}.safetensors"
+        tensors = dict(pending_items)
+        if pending_caps:
+            enc = backbone.encode_text(list(pending_caps.values()))
+            cond_keys[:] = sorted(enc)
+            for j, cid in enumerate(pending_caps):
+                for k, v in enc.items():
+                    tensors[f"c.{cid}.{k}"] = v[j].to(dtype).cpu().contiguous()
+                captions[cid] = name
+        tmp = out / (name + ".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, out / name)
+        shard += 1
+        pending_items, pending_caps = {}, {}
+
+    pending_caps[_caption_id("")] = ""
+    n_in_shard = 0
+    for i in tqdm(range(len(ds)), desc="cache"):
+        for flip in flips:
+            ds.force_flip = flip
+            item = ds[i]
+            if item is None:
+                break
+            mean, std = backbone.latent_posterior(item["pixel_values"].to(device))
+            f = int(flip)
+            pending_items[f"i.{i}.{f}.mean"] = mean.to(dtype).cpu().contiguous()
+            pending_items[f"i.{i}.{f}.std"] = std.to(dtype).cpu().contiguous()
+            pending_items[f"i.{i}.{f}.original_size"] = item["original_size"]
+            pending_items[f"i.{i}.{f}.crop_top_left"] = item["crop_top_left"]
+        else:
+            items[str(i)] = f"shard-{shard:05d}.safetensors"
+            for c in item["captions"]:
+                cid = _caption_id(c)
+                if cid not in captions and cid not in pending_caps:
+                    pending_caps[cid] = c
+            n_in_shard += 1
+        if n_in_shard >= shard_items:
+            flush()
+            n_in_shard = 0
+    ds.force_flip = None
+    flush()
+    index = {"fingerprint": fingerprint(cfg, backbone, len(ds)), "n_items": len(ds), "items": items,
+             "captions": captions, "cond_keys": cond_keys, "skipped": len(ds) - len(items)}
+    tmp = out / (INDEX + ".tmp")
+    tmp.write_text(json.dumps(index))
+    os.replace(tmp, out / INDEX)
+    return out
+
+
+class CachedPreferenceDataset(torch.utils.data.Dataset):
+    """Items from a cache directory, shaped like PreferenceDataset items plus latent/cond tensors."""
+
+    def __init__(self, path: str | Path, backbone, cfg):
+        from diffalign.data import build_preference_dataset
+
+        self.path = Path(path)
+        if not (self.path / INDEX).is_file():
+            raise FileNotFoundError(f"no cache at {self.path}: run `diffalign cache <config>` first "
+                                    "(or set cache.enabled=false)")
+        self.index = json.loads((self.path / INDEX).read_text())
+        self.cfg = cfg
+        # the light part of the dataset (captions order, phi, keys) comes from the real loader
+        self.data = build_preference_dataset(cfg.data, seed=cfg.train.seed)
+        want = fingerprint(cfg, backbone, len(self.data))
+        diffs = _diff(self.index["fingerprint"], want)
+        if diffs:
+            raise CacheMismatchError(f"the cache at {self.path} was made differently; rebuild it with "
+                                     "`diffalign cache`:\n  " + "\n  ".join(diffs[:10]))
+        self.seed, self.epoch = cfg.train.seed, 0
+        self._handles: dict[str, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def describe(self) -> str:
+        return f"{self.data.describe()}; cached at {self.path} ({len(self.index['items'])} items)"
+
+    def _get(self, shard: str, key: str) -> torch.Tensor:
+        h = self._handles.get(shard)
+        if h is None:
+            h = self._handles[shard] = safe_open(str(self.path / shard), framework="pt")
+        return h.get_tensor(key)
+
+    def _cond(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        ids = [_caption_id(c) for c in captions]
+        return {k: torch.stack([self._get(self.index["captions"][cid], f"c.{cid}.{k}") for cid in ids])
+                for k in self.index["cond_keys"]}
+
+    def __getitem__(self, index: int):
+        shard = self.index["items"].get(str(index))
+        if shard is None:
+            return None  # unusable when the cache was built (counted then)
+        _, flip, drop = item_draws(self.data.cfg, self.seed, self.epoch, index)
+        f = int(flip)
+        captions = self.data.captions(index)
+        captions = [""] * len(captions) if drop else captions
+        return {
+            "latent_mean": self._get(shard, f"i.{index}.{f}.mean"),
+            "latent_std": self._get(shard, f"i.{index}.{f}.std"),
+            "original_size": self._get(shard, f"i.{index}.{f}.original_size"),
+            "crop_top_left": self._get(shard, f"i.{index}.{f}.crop_top_left"),
+            "cond": self._cond(captions),
+            "captions": captions,
+            "phi": torch.from_numpy(self.data.phi[index].astype("float32")),
+            "key": self.data.key(index),
+        }
+
+    def __getstate__(self):
+        return {**self.__dict__, "_handles": {}}
+
+    @staticmethod
+    def collate(items):
+        items = [x for x in items if x is not None]
+        if not items:
+            return None
+        out = {k: torch.stack([x[k] for x in items]) for k in ("latent_mean", "latent_std", "original_size",
+                                                                "crop_top_left", "phi")}
+        out["cond"] = {k: torch.stack([x["cond"][k] for x in items]) for k in items[0]["cond"]}
+        out["captions"] = [x["captions"] for x in items]
+        out["keys"] = [x["key"] for x in items]
+        return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from diffalign.config import ConfigError, load_config
+
+    p = argparse.ArgumentParser(prog="diffalign cache", description="Precompute VAE latents and text conditioning.")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--device", default=None)
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"diffalign cache: {err}", file=sys.stderr)
+        return 2
+    out = build_cache(cfg, device=args.device)
+    print(f"cache written to {out}; train with cache.enabled=true cache.dir={out}")
+    return 0

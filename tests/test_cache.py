@@ -1,0 +1,77 @@
+"""The latent/text cache: training from it equals training from pixels; a stale cache is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import assert_states_close, reset_accelerate, run, tiny_config, trainable_state
+
+
+def _logged(trainer) -> list[dict]:
+    path = trainer.out / "logs" / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_cached_training_equals_uncached(tmp_path, family):
+    """Same items, flips, caption dropout, posterior samples and noise: the per-step policy and reference
+    errors and losses agree to float rounding (the VAE runs per item when caching, per batch in training)."""
+    from diffalign.config import load_config
+    from diffalign.data.cache import build_cache
+
+    common = dict(model={"pretrained": f"tiny:{family}"}, train={"max_steps": 3, "batch_size": 4},
+                  data={"caption_dropout": 0.5, "random_flip": True})
+    plain = run(tiny_config(tmp_path / "plain", **common))
+    cfg = tiny_config(tmp_path / "cached", cache={"enabled": True, "dtype": "fp32"}, **common)
+    reset_accelerate()
+    build_cache(load_config(cfg), device="cpu")
+    cached = run(cfg)
+    assert cached.dataset.__class__.__name__ == "CachedPreferenceDataset"
+    for a, b in zip(_logged(plain), _logged(cached), strict=True):
+        for key in ("err_w", "err_l", "ref_err_w", "ref_err_l"):  # the loss scales error gaps by beta/2
+            assert b[key] == pytest.approx(a[key], rel=2e-5), (a["step"], key)
+    assert_states_close(trainable_state(plain), trainable_state(cached), atol=1e-4, rtol=0)
+
+
+def test_cache_with_wrong_flips_would_be_caught(tmp_path, monkeypatch):
+    """The equality above can fail: serve every item unflipped and the logged errors move."""
+    from diffalign.config import load_config
+    from diffalign.data import cache as cache_mod
+    from diffalign.data.cache import build_cache
+
+    common = dict(train={"max_steps": 2, "batch_size": 4}, data={"random_flip": True})
+    plain = run(tiny_config(tmp_path / "plain", **common))
+    cfg = tiny_config(tmp_path / "cached", cache={"enabled": True, "dtype": "fp32"}, **common)
+    reset_accelerate()
+    build_cache(load_config(cfg), device="cpu")
+    real = cache_mod.item_draws
+    monkeypatch.setattr(cache_mod, "item_draws", lambda *a: (real(*a)[0], False, real(*a)[2]))
+    cached = run(cfg)
+    diffs = [abs(a["err_w"] - b["err_w"]) / a["err_w"] for a, b in zip(_logged(plain), _logged(cached))]
+    assert max(diffs) > 2e-5
+
+
+def test_a_cache_from_another_setup_is_refused(tmp_path):
+    from diffalign.config import load_config
+    from diffalign.data.cache import CacheMismatchError, build_cache
+
+    cfg = tiny_config(tmp_path, cache={"enabled": True})
+    build_cache(load_config(cfg), device="cpu")
+    other = dict(cfg, data={**cfg["data"], "resolution": 16})
+    with pytest.raises(CacheMismatchError, match="resolution: cache has 32, config has 16"):
+        run(other)
+    other_model = dict(cfg, model={"pretrained": "tiny:sdxl"})
+    with pytest.raises(CacheMismatchError, match="model"):
+        run(other_model)
+
+
+def test_missing_cache_and_random_crop_are_clear_errors(tmp_path):
+    from diffalign.config import load_config
+    from diffalign.data.cache import build_cache
+
+    with pytest.raises(FileNotFoundError, match="diffalign cache"):
+        run(tiny_config(tmp_path / "a", cache={"enabled": True}))
+    with pytest.raises(ValueError, match="random_crop"):
+        build_cache(load_config(tiny_config(tmp_path / "b", data={"random_crop": True})), device="cpu")
