@@ -32,6 +32,8 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 DEFAULT_SIZE = 16
 #: Side of an object as a fraction of the image side.
 SIDE_RANGE = (0.35, 0.7)
+#: Side range when a scene has several objects (so that they fit without overlapping).
+MULTI_SIDE_RANGE = (0.25, 0.45)
 #: Words the grammar may use beyond colours and shapes (the toy tokenizer's vocabulary).
 GRAMMAR_WORDS: tuple[str, ...] = (
     "a", "an", "and", "the", "of", "one", "two", "three", "four",
@@ -118,30 +120,33 @@ def sample_scene(
     rng: np.random.Generator,
     specs: Sequence[tuple[str | None, str | None]] = ((None, None),),
     size: int = DEFAULT_SIZE,
-    side_range: tuple[float, float] = SIDE_RANGE,
+    side_range: tuple[float, float] | None = None,
     max_tries: int = 100,
 ) -> Scene:
     """A random scene with one object per (colour, shape) spec; None picks at random.
 
-    Object side ~ U(side_range) x size, position uniform so the object lies inside the image. With
-    several objects, positions are re-drawn until the boxes do not overlap (up to `max_tries`).
+    Object side ~ U(side_range) x size (default `SIDE_RANGE` for one object, `MULTI_SIDE_RANGE` for
+    several), position uniform so the object lies inside the image. With several objects the whole
+    layout is re-drawn until no two boxes overlap (up to `max_tries`).
     """
-    objects: list[SceneObject] = []
+    if side_range is None:
+        side_range = SIDE_RANGE if len(specs) == 1 else MULTI_SIDE_RANGE
+    picked = []
     for colour, shape in specs:
         colour = colour if colour is not None else COLOURS[int(rng.integers(len(COLOURS)))]
         shape = shape if shape is not None else SHAPES[int(rng.integers(len(SHAPES)))]
         if colour not in PALETTE or shape not in SHAPES:
             raise ValueError(f"unknown colour/shape {colour!r}/{shape!r}")
-        for _ in range(max_tries):
+        picked.append((colour, shape))
+    for _ in range(max_tries):
+        objects: list[SceneObject] = []
+        for colour, shape in picked:
             side = float(rng.uniform(*side_range)) * size
             x0, y0 = (float(v) for v in rng.uniform(0.0, size - side, size=2))
-            box = (x0, y0, x0 + side, y0 + side)
-            if all(not _overlap(box, o.box) for o in objects):
-                break
-        else:
-            raise ValueError(f"could not place {len(specs)} objects without overlap at size {size}")
-        objects.append(SceneObject(colour, shape, box))
-    return Scene(objects=tuple(objects), size=size)
+            objects.append(SceneObject(colour, shape, (x0, y0, x0 + side, y0 + side)))
+        if all(not _overlap(a.box, b.box) for i, a in enumerate(objects) for b in objects[i + 1 :]):
+            return Scene(objects=tuple(objects), size=size)
+    raise ValueError(f"could not place {len(specs)} objects without overlap at size {size}")
 
 
 def _overlap(a, b) -> bool:
