@@ -76,6 +76,10 @@ def test_registered_scorer_accepts_pil_and_tensors():
     s1, s2 = scorer.score(pil, prompts), scorer.score(tensor, prompts)
     assert s1.shape == (18,) and torch.allclose(s1, s2)
     assert ((s1 > 0) & (s1 <= 3)).all() and scorer.higher_is_better
+    # images of different sizes in one call are scored as if scored apart
+    big = [Image.fromarray(a) for a in world.render_batch(prompts, range(18), 32)]
+    mixed = scorer.score(pil[:9] + big[9:], prompts)
+    assert torch.equal(mixed[:9], s1[:9]) and torch.allclose(mixed[9:], scorer.score(big[9:], prompts[9:]))
 
 
 def test_speed():

@@ -225,6 +225,10 @@ def run(
                 f.unlink(missing_ok=True)
         for f in (out / "data").glob(".*.tmp-*"):  # left by a killed run
             f.unlink()
+        for f in (out / "manifest").glob("rank-*.jsonl"):  # drop a line cut by a kill
+            text = f.read_text()
+            if text and not text.endswith("\n"):
+                f.write_text(text[: text.rfind("\n") + 1])
         if not run_file.exists():
             run_file.write_text(json.dumps(fp | {"num_shards": num_shards}, indent=1))
     state.wait_for_everyone()

@@ -75,11 +75,13 @@ def toy_reward_details(images: Images | np.ndarray, prompts: Prompts) -> dict[st
     """All reward fields per image: score, correct, colour_correct, shape_correct, cleanliness,
     colour_prob, shape_prob, iou (target template), pred_colour, pred_shape (str; "" when empty),
     fg_fraction (the object's share of the image). Arrays of length N."""
-    x = to_numpy_images(images)
-    n = x.shape[0]
+    n = len(images)
     prompt_list = [prompts] * n if isinstance(prompts, str) else list(prompts)
     if len(prompt_list) != n:
         raise ValueError(f"toy reward: got {n} images but {len(prompt_list)} prompts")
+    if isinstance(images, (list, tuple)) and len({im.size for im in images}) > 1:
+        return _by_size(images, prompt_list)
+    x = to_numpy_images(images)
     targets = []
     for p in prompt_list:
         objs = parse_prompt(p)
@@ -161,6 +163,21 @@ def toy_reward_details(images: Images | np.ndarray, prompts: Prompts) -> dict[st
         ),
         "fg_fraction": (size / (h * w)).astype(np.float32),
     }
+
+
+def _by_size(images, prompts: list[str]) -> dict[str, np.ndarray]:
+    """Images of several sizes: score each size group as one batch and put the fields back in order."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, im in enumerate(images):
+        groups.setdefault(im.size, []).append(i)
+    out: dict[str, np.ndarray] = {}
+    for idx in groups.values():
+        part = toy_reward_details([images[i] for i in idx], [prompts[i] for i in idx])
+        for key, value in part.items():
+            if key not in out:
+                out[key] = np.empty(len(images), dtype=value.dtype)
+            out[key][idx] = value
+    return out
 
 
 @register_scorer("toy")
