@@ -28,6 +28,7 @@ def _one_thread():
     yield
     torch.set_num_threads(before)
 
+
 ROOT = Path(__file__).resolve().parents[1]
 RAW = {
     "prompts": {"source": "toy", "repeats": 2},  # 36 rows
@@ -98,10 +99,13 @@ def test_killed_run_resumes_to_the_same_rows(tmp_path, baseline):
     gens = build_generators(cfg)
     with pytest.raises(RuntimeError, match="killed"):
         run(cfg, generators=[gens[0], _Failing(gens[1], fail_on=3)], progress=False)
-    assert [Path(f).name for f in shard_files(cfg.output_dir)] == ["shard-00000.parquet", "shard-00001.parquet"]
+    assert [Path(f).name for f in shard_files(cfg.output_dir)] == [
+        "shard-00000.parquet",
+        "shard-00001.parquet",
+    ]
     # a kill between the rename and the manifest line, and a temp file left behind
     manifest = Path(cfg.output_dir) / "manifest" / "rank-0.jsonl"
-    manifest.write_text(manifest.read_text().splitlines()[0] + "\n{\"shard\": 1, \"fi")
+    manifest.write_text(manifest.read_text().splitlines()[0] + '\n{"shard": 1, "fi')
     (Path(cfg.output_dir) / "data" / ".shard-00002.parquet.tmp-1").write_bytes(b"partial")
     gens = build_generators(cfg)
     counting = _Failing(gens[0], fail_on=-1)

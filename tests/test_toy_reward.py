@@ -19,7 +19,7 @@ def test_accuracy_on_rendered_ground_truth():
 
 
 def _wrong(prompt, which):
-    (c, s), = world.parse_prompt(prompt)
+    ((c, s),) = world.parse_prompt(prompt)
     if which == "colour":
         return f"a {world.COLOURS[(world.COLOURS.index(c) + 1) % 6]} {s}"
     return f"a {c} {world.SHAPES[(world.SHAPES.index(s) + 1) % 3]}"

@@ -18,12 +18,11 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-
 def test_grammar_has_18_prompts_that_parse_back():
     prompts = world.all_prompts()
     assert len(prompts) == 18 == len(set(prompts))
     for p in prompts:
-        (colour, shape), = world.parse_prompt(p)
+        ((colour, shape),) = world.parse_prompt(p)
         assert p == f"a {colour} {shape}"
     assert world.parse_prompt("a red circle and a blue square") == [("red", "circle"), ("blue", "square")]
     for bad in ("a purple circle", "red circle", "a red", ""):
@@ -60,7 +59,7 @@ def test_corrupt_caption_changes_exactly_one_attribute_at_rate_p():
     changed = 0
     for _ in range(2000):
         out = world.corrupt_caption("a red circle", rng, 0.35)
-        (c, s), = world.parse_prompt(out)
+        ((c, s),) = world.parse_prompt(out)
         assert (c != "red") + (s != "circle") in (0, 1)
         changed += out != "a red circle"
     assert 0.31 < changed / 2000 < 0.39

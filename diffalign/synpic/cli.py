@@ -16,9 +16,13 @@ def main(argv: list[str] | None = None) -> int:
         description="Generate a Syn-Pic-style ranked preference dataset (prompts x generators x scorers -> phi).",
     )
     parser.add_argument("config", help="YAML config (see docs/synpic.md)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. shard_size=32 generators.0.steps=10")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted.key=value overrides, e.g. shard_size=32 generators.0.steps=10"
+    )
     parser.add_argument("--out", help="output directory (overrides output_dir)")
-    parser.add_argument("--overwrite", action="store_true", help="delete what the output directory holds and start over")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="delete what the output directory holds and start over"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_intermixed_args(argv)
 

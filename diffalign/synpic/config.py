@@ -183,12 +183,21 @@ def _fields_at(loc: tuple) -> list[str]:
     for part in loc:
         if isinstance(part, int):
             continue
-        nxt = [m for model in models if part in model.model_fields for m in _models_in(model.model_fields[part].annotation)]
+        nxt = [
+            m
+            for model in models
+            if part in model.model_fields
+            for m in _models_in(model.model_fields[part].annotation)
+        ]
         if nxt:
             models = nxt
             continue
         # a discriminator tag ('diffusers') in the location selects that member of the union
-        tagged = [m for m in models if "type" in m.model_fields and part in typing.get_args(m.model_fields["type"].annotation)]
+        tagged = [
+            m
+            for m in models
+            if "type" in m.model_fields and part in typing.get_args(m.model_fields["type"].annotation)
+        ]
         models = tagged or models
     return sorted({f for m in models for f in m.model_fields})
 
@@ -197,7 +206,11 @@ def _format(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
-        shown = ".".join(str(p) for p in loc if not (isinstance(p, str) and p in ("toy_render", "toy_sampler", "diffusers")))
+        shown = ".".join(
+            str(p)
+            for p in loc
+            if not (isinstance(p, str) and p in ("toy_render", "toy_sampler", "diffusers"))
+        )
         if e["type"] == "extra_forbidden":
             valid = _fields_at(loc[:-1])
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
@@ -208,7 +221,9 @@ def _format(err: ValidationError) -> str:
     return "invalid synpic config:\n  " + "\n  ".join(lines)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, raw: dict | None = None) -> SynPicConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, raw: dict | None = None
+) -> SynPicConfig:
     """Read YAML (or take `raw`), apply dotted overrides, validate. Raises ConfigError with a readable message."""
     if raw is None:
         if path is None:

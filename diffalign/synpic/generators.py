@@ -38,8 +38,15 @@ class ToyRenderGenerator:
     """Ground-truth renders of the toy world; with probability `corrupt_p` (drawn from the image's
     seed) the render follows a corrupted caption (wrong colour or wrong shape) instead."""
 
-    def __init__(self, name: str = "toy-render", size: int = 16, corrupt_p: float = 0.0, images_per_prompt: int = 1):
-        self.name, self.size, self.corrupt_p, self.images_per_prompt = name, size, corrupt_p, images_per_prompt
+    def __init__(
+        self, name: str = "toy-render", size: int = 16, corrupt_p: float = 0.0, images_per_prompt: int = 1
+    ):
+        self.name, self.size, self.corrupt_p, self.images_per_prompt = (
+            name,
+            size,
+            corrupt_p,
+            images_per_prompt,
+        )
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
         from diffalign.toy.world import corrupt_caption, parse_prompt, render, sample_scene
@@ -86,7 +93,12 @@ class ToySamplerGenerator:
     ):
         self.name, self.images_per_prompt = name, images_per_prompt
         self.unet_path, self.width, self.size, self.init_seed = unet, width, size, init_seed
-        self.text_encoder_seed, self.steps, self.guidance, self.batch_size = text_encoder_seed, steps, guidance, batch_size
+        self.text_encoder_seed, self.steps, self.guidance, self.batch_size = (
+            text_encoder_seed,
+            steps,
+            guidance,
+            batch_size,
+        )
         self.device = device
         self._unet = unet_model
         self._parts = None
@@ -118,7 +130,9 @@ class ToySamplerGenerator:
         if self._parts is None:
             self._load()
         unet, te, tok, sched = self._parts
-        arr = sample(unet, te, tok, sched, list(prompts), list(seeds), self.steps, self.guidance, self.batch_size)
+        arr = sample(
+            unet, te, tok, sched, list(prompts), list(seeds), self.steps, self.guidance, self.batch_size
+        )
         return [Image.fromarray(a) for a in arr]
 
 
@@ -151,7 +165,12 @@ class DiffusersGenerator:
         self.model, self.name = model, name or model
         self.steps, self.guidance, self.resolution = steps, guidance, resolution
         self.scheduler, self.scheduler_kwargs = scheduler, dict(scheduler_kwargs or {})
-        self.negative_prompt, self.dtype, self.device, self.batch_size = negative_prompt, dtype, device, batch_size
+        self.negative_prompt, self.dtype, self.device, self.batch_size = (
+            negative_prompt,
+            dtype,
+            device,
+            batch_size,
+        )
         self.revision, self.variant = revision, variant
         self.pipeline_kwargs, self.images_per_prompt = dict(pipeline_kwargs or {}), images_per_prompt
         self._pipe = None

@@ -75,7 +75,11 @@ def load_prompts(cfg: SynPicConfig) -> list[str]:
 def build_generators(cfg: SynPicConfig) -> list:
     from diffalign.synpic.generators import DiffusersGenerator, ToyRenderGenerator, ToySamplerGenerator
 
-    classes = {"toy_render": ToyRenderGenerator, "toy_sampler": ToySamplerGenerator, "diffusers": DiffusersGenerator}
+    classes = {
+        "toy_render": ToyRenderGenerator,
+        "toy_sampler": ToySamplerGenerator,
+        "diffusers": DiffusersGenerator,
+    }
     return [classes[g.type](**g.model_dump(exclude={"type"})) for g in cfg.generators]
 
 
@@ -131,7 +135,9 @@ def make_rows(
         col += m
     flat = [im for row in images for im in row]
     flat_prompts = [p for p in prompts for _ in range(k)]
-    raw = np.stack([s.score(flat, flat_prompts).double().numpy().reshape(n_rows, k) for s in scorers], 1)  # [R, n, k]
+    raw = np.stack(
+        [s.score(flat, flat_prompts).double().numpy().reshape(n_rows, k) for s in scorers], 1
+    )  # [R, n, k]
     hib = [getattr(s, "higher_is_better", True) for s in scorers]
     phi = soft_preference(raw, hib)
     rank = ranks_from_phi(phi)
@@ -256,7 +262,12 @@ def run(
             lo, hi = s * shard_size, min((s + 1) * shard_size, len(prompts))
             cols = make_rows(prompts[lo:hi], list(range(lo, hi)), gens, scs, cfg)
             name = SHARD_PATTERN.format(s)
-            write_shard(cols, out / "data" / name, names, {"shard": s, "rows": [lo, hi], "fingerprint": fp["fingerprint"]})
+            write_shard(
+                cols,
+                out / "data" / name,
+                names,
+                {"shard": s, "rows": [lo, hi], "fingerprint": fp["fingerprint"]},
+            )
             entry = {"shard": s, "file": name, "rows": hi - lo, "first_row": lo, "k": k,
                      "process": state.process_index, "time": time.time()}  # fmt: skip
             with manifest.open("a") as f:

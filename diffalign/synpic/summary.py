@@ -60,7 +60,10 @@ def summarize(files: Sequence[str], scorer_names: Sequence[str]) -> dict:
         return {"rows": 0, "scorers": {}, "agreement": {}, "generators": {}}
     tables = [pq.read_table(f, columns=["generators", "scores", "phi"]) for f in files]
     rows = sum(t.num_rows for t in tables)
-    scores = {n: np.array([r for t in tables for r in t.column("scores").combine_chunks().field(n).to_pylist()]) for n in scorer_names}
+    scores = {
+        n: np.array([r for t in tables for r in t.column("scores").combine_chunks().field(n).to_pylist()])
+        for n in scorer_names
+    }
     phi = np.array([r for t in tables for r in t.column("phi").to_pylist()])
     gens = np.array([r for t in tables for r in t.column("generators").to_pylist()])
     summary: dict = {"rows": rows, "scorers": {}, "agreement": {}, "generators": {}}
@@ -82,21 +85,42 @@ def to_markdown(summary: dict) -> str:
     run = summary.get("run", {})
     if run:
         lines += [", ".join(f"{k}: {v}" for k, v in run.items()), ""]
-    lines += ["## Scores per scorer", "", "| scorer | count | mean | std | min | p05 | median | p95 | max |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Scores per scorer",
+        "",
+        "| scorer | count | mean | std | min | p05 | median | p95 | max |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for n, s in summary["scorers"].items():
         if s.get("count"):
-            lines.append(f"| {n} | {s['count']} | " + " | ".join(f"{s[c]:.4g}" for c in ("mean", "std", "min", "p05", "median", "p95", "max")) + " |")
+            lines.append(
+                f"| {n} | {s['count']} | "
+                + " | ".join(f"{s[c]:.4g}" for c in ("mean", "std", "min", "p05", "median", "p95", "max"))
+                + " |"
+            )
     if summary["agreement"]:
-        lines += ["", "## Agreement between scorers", "", "| pair | pairwise-order agreement | untied pairs | mean Kendall tau-b |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "## Agreement between scorers",
+            "",
+            "| pair | pairwise-order agreement | untied pairs | mean Kendall tau-b |",
+            "|---|---|---|---|",
+        ]
         for pair, a in summary["agreement"].items():
             f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-            lines.append(f"| {pair} | {f(a['pairwise_order_agreement'])} | {a['untied_pairs']} | {f(a['kendall_tau_mean'])} |")
+            lines.append(
+                f"| {pair} | {f(a['pairwise_order_agreement'])} | {a['untied_pairs']} | {f(a['kendall_tau_mean'])} |"
+            )
     if summary["generators"]:
         names = list(summary["scorers"])
         lines += ["", "## Per generator", "", "| generator | images | mean phi | " + " | ".join(f"mean {n}" for n in names) + " |",
                   "|---|---|---|" + "---|" * len(names)]  # fmt: skip
         for g, s in summary["generators"].items():
-            lines.append(f"| {g} | {s['images']} | {s['mean_phi']:.3f} | " + " | ".join(f"{s[f'mean_{n}']:.4g}" for n in names) + " |")
+            lines.append(
+                f"| {g} | {s['images']} | {s['mean_phi']:.3f} | "
+                + " | ".join(f"{s[f'mean_{n}']:.4g}" for n in names)
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 

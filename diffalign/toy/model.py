@@ -23,12 +23,16 @@ from diffalign.toy.world import DEFAULT_SIZE
 TOY_NUM_TRAIN_TIMESTEPS = 1000
 
 
-def build_unet(width: int = 32, sample_size: int = DEFAULT_SIZE, cross_attention_dim: int = TOY_HIDDEN, seed: int = 0):
+def build_unet(
+    width: int = 32, sample_size: int = DEFAULT_SIZE, cross_attention_dim: int = TOY_HIDDEN, seed: int = 0
+):
     """A freshly initialised toy denoiser (initialised under a forked RNG seeded with `seed`)."""
     from diffusers import UNet2DConditionModel
 
     if width % 8:
-        raise ValueError(f"width must be a multiple of 8 (norm_num_groups and attention_head_dim), got {width}")
+        raise ValueError(
+            f"width must be a multiple of 8 (norm_num_groups and attention_head_dim), got {width}"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return UNet2DConditionModel(
@@ -73,7 +77,9 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int], device="cpu", dtype=torch.float32) -> torch.Tensor:
+def initial_noise(
+    seeds: Sequence[int], shape: tuple[int, int, int], device="cpu", dtype=torch.float32
+) -> torch.Tensor:
     """[N, *shape] standard normal noise, row i drawn from a CPU generator seeded with seeds[i]."""
     rows = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
     return torch.stack(rows).to(device=device, dtype=dtype)
@@ -113,7 +119,9 @@ def sample(
         if use_cfg:
             uncond = encode_prompts(tokenizer, text_encoder, [""]).to(device, dtype).expand_as(cond)
             context = torch.cat([uncond, cond])
-        x = initial_noise(seeds[start : start + batch_size], (unet.config.in_channels, size, size), device, dtype)
+        x = initial_noise(
+            seeds[start : start + batch_size], (unet.config.in_channels, size, size), device, dtype
+        )
         x = x * ddim.init_noise_sigma
         for t in ddim.timesteps:
             if use_cfg:

@@ -53,7 +53,11 @@ def to_numpy_images(images: Images | np.ndarray) -> np.ndarray:
     if isinstance(images, np.ndarray):
         arr = images
     else:
-        arr = np.stack([np.asarray(im.convert("RGB")) for im in images]) if len(images) else np.zeros((0, 1, 1, 3))
+        arr = (
+            np.stack([np.asarray(im.convert("RGB")) for im in images])
+            if len(images)
+            else np.zeros((0, 1, 1, 3))
+        )
     if arr.dtype == np.uint8:
         return arr.astype(np.float32) / 255.0
     return arr.astype(np.float32)
@@ -92,9 +96,11 @@ def toy_reward_details(images: Images | np.ndarray, prompts: Prompts) -> dict[st
     t_shape = np.array([SHAPES.index(s) for _, s in targets], dtype=np.int64)
     if n == 0:
         empty = np.zeros(0, dtype=np.float32)
-        return {k: empty for k in ("score", "cleanliness", "colour_prob", "shape_prob", "iou", "fg_fraction")} | {
-            k: np.zeros(0, dtype=bool) for k in ("correct", "colour_correct", "shape_correct")
-        } | {"pred_colour": np.zeros(0, dtype=object), "pred_shape": np.zeros(0, dtype=object)}
+        return (
+            {k: empty for k in ("score", "cleanliness", "colour_prob", "shape_prob", "iou", "fg_fraction")}
+            | {k: np.zeros(0, dtype=bool) for k in ("correct", "colour_correct", "shape_correct")}
+            | {"pred_colour": np.zeros(0, dtype=object), "pred_shape": np.zeros(0, dtype=object)}
+        )
 
     h, w = x.shape[1:3]
     mx = x.max(-1)  # [N, H, W]
@@ -157,7 +163,9 @@ def toy_reward_details(images: Images | np.ndarray, prompts: Prompts) -> dict[st
         "colour_prob": colour_prob.astype(np.float32),
         "shape_prob": shape_prob.astype(np.float32),
         "iou": iou_t.astype(np.float32),
-        "pred_colour": np.array([COLOURS[c] if f else "" for c, f in zip(pred_c, has_fg, strict=True)], dtype=object),
+        "pred_colour": np.array(
+            [COLOURS[c] if f else "" for c, f in zip(pred_c, has_fg, strict=True)], dtype=object
+        ),
         "pred_shape": np.array(
             [SHAPES[s] if f else "" for s, f in zip(ious.argmax(-1), has_fg, strict=True)], dtype=object
         ),

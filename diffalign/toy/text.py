@@ -101,6 +101,10 @@ def build_text_encoder(tokenizer=None, hidden: int = TOY_HIDDEN, seed: int = 0):
 def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     """[N, max_length, hidden] last hidden states (the denoiser's cross-attention input)."""
     ids = tokenizer(
-        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
     ).input_ids.to(text_encoder.device)
     return text_encoder(ids).last_hidden_state
