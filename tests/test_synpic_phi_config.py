@@ -10,9 +10,9 @@ def test_phi_matches_a_hand_computation_with_ties():
     scores = np.array(
         [
             [3.0, 1.0, 1.0, 0.0],  # scorer A: x0 beats 3, x1 and x2 tie (no credit), beat x3
-            [0.0, 1.0, 2.0, 2.0],
+            [0.0, 1.0, 2.0, 2.0],  # scorer B: x2 and x3 tie, both beat x0 and x1; x1 beats x0
         ]
-    )  # scorer B: x2 and x3 tie, both beat x0 and x1; x1 beats x0
+    )
     # C = A-wins + B-wins: x0 3+0, x1 1+1, x2 1+2, x3 0+2
     assert win_counts(scores).tolist() == [3, 2, 3, 2]
     phi = soft_preference(scores)

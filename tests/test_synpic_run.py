@@ -204,3 +204,30 @@ def test_render_generator_is_seed_deterministic():
     a = g.generate(["a red circle"] * 4, [1, 2, 3, 4])
     b = g.generate(["a red circle"] * 2, [3, 4])
     assert [np.asarray(x).tobytes() for x in a[2:]] == [np.asarray(x).tobytes() for x in b]
+
+
+def test_agreement_between_scorers(tmp_path):
+    from diffalign.rewards.base import Scorer
+    from diffalign.synpic.run import build_scorers
+    from diffalign.synpic.summary import agreement
+
+    a = agreement(np.array([[1.0, 2.0, 3.0]]), np.array([[1.0, 3.0, 2.0]]))
+    assert a["pairwise_order_agreement"] == pytest.approx(2 / 3) and a["kendall_tau_mean"] == pytest.approx(
+        1 / 3
+    )
+
+    class Reversed(Scorer):  # ranks every prompt's images in the opposite order
+        name = "reversed"
+
+        def _score_batch(self, images, prompts):
+            return -toy.score(images, prompts)
+
+    cfg = _cfg(tmp_path / "two_scorers", prompts={"source": "toy"})
+    (toy,) = build_scorers(cfg)
+    summary = run(cfg, scorers=[toy, Reversed()], progress=False)
+    pair = summary["agreement"]["toy vs reversed"]
+    assert pair["pairwise_order_agreement"] == 0.0 and pair["kendall_tau_mean"] == pytest.approx(-1.0)
+    assert "| toy vs reversed | 0.000 |" in (tmp_path / "two_scorers" / "summary.md").read_text()
+    # every image wins exactly the comparisons it loses under the other scorer: phi = 1/2 unless tied
+    rows = _rows(tmp_path / "two_scorers")
+    assert all(p <= 0.5 for r in rows for p in r["phi"])

@@ -194,7 +194,8 @@ class ToyScorer(Scorer):
 
     name = "toy"
 
-    def __init__(self, batch_size: int = 1024, **_unused):
+    def __init__(self, batch_size: int = 1024, device: str | None = None):
+        # `device` is accepted (and ignored: numpy on CPU) so configs can pass it to every scorer alike.
         super().__init__(batch_size=batch_size)
 
     def _score_batch(self, images: Images, prompts: list[str]) -> torch.Tensor:
