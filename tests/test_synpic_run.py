@@ -117,6 +117,10 @@ def test_killed_run_resumes_to_the_same_rows(tmp_path, baseline):
     # a finished run restarted does nothing
     assert run(cfg, progress=False)["run"]["shards_this_run"] == 0
     assert _rows(cfg.output_dir) == _rows(baseline[0])
+    # a shard file deleted by hand is redone even though a manifest lists it
+    (Path(cfg.output_dir) / "data" / "shard-00003.parquet").unlink()
+    assert run(cfg, progress=False)["run"]["shards_this_run"] == 1
+    assert _rows(cfg.output_dir) == _rows(baseline[0])
 
 
 def test_a_different_config_is_refused_in_the_same_dir(tmp_path, baseline):
