@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+
+from diffalign.synpic.config import ConfigError, load_config
+from diffalign.synpic.phi import ranks_from_phi, soft_preference, win_counts
+
+
+def test_phi_matches_a_hand_computation_with_ties():
+    # two scorers, four images
+    scores = np.array(
+        [
+            [3.0, 1.0, 1.0, 0.0],  # scorer A: x0 beats 3, x1 and x2 tie (no credit), beat x3
+            [0.0, 1.0, 2.0, 2.0],  # scorer B: x2 and x3 tie, both beat x0 and x1; x1 beats x0
+        ]
+    )
+    # C = A-wins + B-wins: x0 3+0, x1 1+1, x2 1+2, x3 0+2
+    assert win_counts(scores).tolist() == [3, 2, 3, 2]
+    phi = soft_preference(scores)
+    assert np.allclose(phi, np.array([3, 2, 3, 2]) / (2 * 3))
+    assert ranks_from_phi(phi).tolist() == [0, 2, 0, 2]  # ties share the lower rank
+    # all tied: nobody gets credit
+    assert soft_preference(np.ones((3, 4))).tolist() == [0.0] * 4
+    # a lower-is-better scorer is flipped
+    assert np.allclose(soft_preference(np.array([[1.0, 2.0]]), higher_is_better=[False]), [1.0, 0.0])
+    # batched rows
+    assert soft_preference(np.stack([scores, -scores])).shape == (2, 4)
+    with pytest.raises(ValueError):
+        soft_preference(np.ones((2, 1)))
+
+
+GOOD = {"generators": [{"type": "toy_render"}, {"type": "toy_render", "name": "b"}], "scorers": ["toy"]}
+
+
+def _raw(**extra):
+    import copy
+
+    raw = copy.deepcopy(GOOD)
+    raw.update(extra)
+    return raw
+
+
+def test_config_names_the_closest_key():
+    with pytest.raises(ConfigError, match=r"unknown key 'shard_siz' \(did you mean 'shard_size'\?\)"):
+        load_config(raw=_raw(shard_siz=3))
+    with pytest.raises(ConfigError, match=r"'generators.1.corupt_p' \(did you mean 'corrupt_p'\?\)"):
+        load_config(raw=_raw(), overrides=["generators.1.corupt_p=0.5"])
+    raw = _raw()
+    raw["generators"].append({"type": "diffusers", "model": "x", "stpes": 3})
+    with pytest.raises(ConfigError, match=r"did you mean 'steps'"):
+        load_config(raw=raw)
+
+
+def test_config_overrides_and_checks():
+    cfg = load_config(raw=_raw(), overrides=["generators.1.corrupt_p=0.5", "seed=7", "prompts.repeats=2"])
+    assert cfg.generators[1].corrupt_p == 0.5 and cfg.seed == 7 and cfg.prompts.repeats == 2
+    assert cfg.generators[0].name == "toy-render" and cfg.images_per_prompt == 2
+    with pytest.raises(ConfigError, match="k = 3"):
+        load_config(raw=_raw(k=3))
+    with pytest.raises(ConfigError, match="unique"):
+        load_config(raw={"generators": [{"type": "toy_render"}] * 2, "scorers": ["toy"]})
+    with pytest.raises(ConfigError, match="at least 2 images"):
+        load_config(raw={"generators": [{"type": "toy_render"}], "scorers": ["toy"]})
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_config(raw=_raw(), overrides=["seed"])
