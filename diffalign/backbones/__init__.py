@@ -42,7 +42,14 @@ def load_backbone(
     vae: str | None = None,
     prediction_type: str | None = None,
 ) -> Backbone:
-    """Build the backbone for `pretrained` (hub id, local folder, or `tiny:sd` / `tiny:sdxl`)."""
+    """Build the backbone for `pretrained`: a hub id, a local folder, `tiny:sd` / `tiny:sdxl` (tiny random
+    models), or `random:sdxl` (the full-size SDXL architecture with random weights, for benchmarks)."""
+    if pretrained == "random:sdxl":  # full-size SDXL architecture, random weights: for benchmarks
+        from diffalign.backbones.tiny import random_sdxl_components
+
+        c = random_sdxl_components()
+        return StableDiffusionXLBackbone(c["unet"], c["scheduler"], c["text_encoder"], c["tokenizer"],
+                                         c["text_encoder_2"], c["tokenizer_2"], c["vae"], source=pretrained)
     if pretrained.startswith("tiny:"):
         from diffalign.backbones import tiny
 

@@ -1,0 +1,81 @@
+"""Backbones: loading, family detection, targets, shared noise, SDXL micro-conditioning."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffalign.backbones import load_backbone
+from diffalign.backbones.tiny import save_tiny_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_local_folder_loads_with_the_detected_family(tmp_path, family):
+    path = save_tiny_pipeline(tmp_path / family, family)
+    bb = load_backbone(str(path))
+    assert bb.family == family
+    tiny = load_backbone(f"tiny:{family}")
+    assert bb.fingerprint() == tiny.fingerprint()  # same weights whether built in code or read from disk
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        load_backbone(str(tmp_path / "nope"))
+
+
+def test_v_prediction_target_is_the_velocity(tmp_path):
+    bb = load_backbone(str(save_tiny_pipeline(tmp_path / "v", "sd", prediction_type="v_prediction")))
+    assert bb.prediction_type == "v_prediction"
+    x0, noise, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([10, 500, 999])
+    a = bb.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    expected = a.sqrt() * noise - (1 - a).sqrt() * x0  # v = sqrt(abar) eps - sqrt(1 - abar) x0
+    torch.testing.assert_close(bb.target(x0, noise, t), expected)
+    eps = load_backbone("tiny:sd")
+    assert torch.equal(eps.target(x0, noise, t), noise)
+
+
+def test_candidates_share_noise_and_timestep():
+    bb = load_backbone("tiny:sd")
+    x = torch.randn(2, 1, 4, 8, 8)
+    x0 = x.expand(2, 3, 4, 8, 8).contiguous()  # three identical candidates per item
+    cond = bb.encode_text(["a red circle"] * 6)
+    e = bb.energies(bb.denoiser, x0, torch.randn(2, 4, 8, 8), torch.tensor([100, 700]), cond)
+    assert e.shape == (2, 3)
+    torch.testing.assert_close(e[:, 1:], e[:, :1].expand(2, 2), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(e[0], e[1])
+
+
+def test_sdxl_micro_conditioning_reaches_the_unet_with_true_sizes_and_crops():
+    bb = load_backbone("tiny:sdxl")
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen["time_ids"] = kwargs["added_cond_kwargs"]["time_ids"].clone()
+        seen["text_embeds"] = kwargs["added_cond_kwargs"]["text_embeds"].shape
+
+    bb.denoiser.register_forward_pre_hook(hook, with_kwargs=True)
+    cond = bb.encode_text(["a", "b"])
+    assert cond["prompt_embeds"].shape[-1] == 64  # both encoders' penultimate states concatenated (32 + 32)
+    cond |= bb.micro_conditioning(torch.tensor([[768, 512], [768, 512]]), torch.tensor([[0, 17], [0, 17]]), 32)
+    bb.energies(bb.denoiser, torch.randn(1, 2, 4, 4, 4), torch.randn(1, 4, 4, 4), torch.tensor([5]), cond)
+    assert seen["time_ids"].tolist() == [[768, 512, 0, 17, 32, 32]] * 2
+    assert seen["text_embeds"] == (2, 32)  # pooled projection of encoder 2
+
+
+def test_fingerprint_is_stable_across_processes():
+    """A cache built in one process must be accepted by training in another (hash seeds differ)."""
+    code = "from diffalign.backbones import load_backbone; print(load_backbone('tiny:sdxl').fingerprint())"
+    outs = set()
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": seed}
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs.add(proc.stdout.strip().splitlines()[-1])
+    assert len(outs) == 1
