@@ -170,6 +170,13 @@ def random_sdxl_components(seed: int = 0) -> dict:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # initialising 3 B parameters on a CPU is slow
+        return _random_sdxl_components(UNet2DConditionModel, AutoencoderKL, CLIPTextConfig, CLIPTextModel,
+                                       CLIPTextModelWithProjection)
+
+
+def _random_sdxl_components(UNet2DConditionModel, AutoencoderKL, CLIPTextConfig, CLIPTextModel,
+                            CLIPTextModelWithProjection) -> dict:
     unet = UNet2DConditionModel(
         sample_size=128,
         in_channels=4,
