@@ -224,5 +224,12 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
         raise ConfigError(format_validation_error(err)) from None
 
 
+def weight_dtype(mixed_precision: str):
+    """The dtype frozen modules and the LoRA base weights take under train.mixed_precision."""
+    import torch
+
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -67,14 +67,14 @@ def run_plain(cfg, warmup: int, steps: int) -> dict:
     from torch.utils.data import DataLoader
 
     from diffalign.backbones import load_backbone
+    from diffalign.config import weight_dtype
     from diffalign.data import build_preference_dataset, collate_preference
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
+    dtype = weight_dtype(cfg.train.mixed_precision)
     bb = load_backbone(cfg.model.pretrained)
     unet = bb.denoiser.requires_grad_(False).to(device, dtype)
-    for name, m in bb.frozen_modules().items():
-        m.requires_grad_(False).to(device, torch.float32 if name == "vae" else dtype)
+    bb.place(device, dtype)
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.rank, init_lora_weights="gaussian",
@@ -96,6 +96,8 @@ def run_plain(cfg, warmup: int, steps: int) -> dict:
     def step():
         for _ in range(cfg.train.grad_accum):
             b = next(it)
+            while b is None:  # every item of the batch unusable (counted by the data layer)
+                b = next(it)
             B = b["pixel_values"].shape[0]
             with torch.no_grad():
                 pix = b["pixel_values"].flatten(0, 1).to(device)

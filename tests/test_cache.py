@@ -75,3 +75,20 @@ def test_missing_cache_and_random_crop_are_clear_errors(tmp_path):
         run(tiny_config(tmp_path / "a", cache={"enabled": True}))
     with pytest.raises(ValueError, match="random_crop"):
         build_cache(load_config(tiny_config(tmp_path / "b", data={"random_crop": True})), device="cpu")
+
+
+def test_cache_under_mixed_precision_matches_training_placement(tmp_path):
+    """The cache encodes with the text encoders at training precision (bf16 here), so it is accepted and
+    its conditioning equals what training from pixels would compute."""
+    import torch
+
+    from diffalign.config import load_config
+    from diffalign.data.cache import build_cache
+
+    cfg = tiny_config(tmp_path, train={"mixed_precision": "bf16", "max_steps": 1}, cache={"enabled": True})
+    build_cache(load_config(cfg), device="cpu")
+    trainer = run(cfg)
+    item = trainer.dataset[0]
+    fresh = trainer.backbone.encode_text(item["captions"])["prompt_embeds"]
+    assert fresh.dtype == torch.bfloat16
+    torch.testing.assert_close(item["cond"]["prompt_embeds"].to(fresh.dtype), fresh, atol=1e-2, rtol=1e-2)

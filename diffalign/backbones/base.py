@@ -56,6 +56,16 @@ class Backbone:
         """Modules that never train (VAE, text encoders), by name, for device/dtype placement."""
         return {}
 
+    def place(self, device, dtype: torch.dtype, vae_fp32: bool = True) -> None:
+        """Put the frozen modules where training runs them: text encoders in `dtype`, the VAE in fp32
+        unless vae_fp32 is off. The trainer and the cache builder both call this, so cached conditioning is
+        computed at the precision training would use."""
+        for name, module in self.frozen_modules().items():
+            target = torch.float32 if (name == "vae" and vae_fp32) else dtype
+            module.requires_grad_(False).to(device)
+            if next(module.parameters()).dtype != target:
+                module.to(target)
+
     def fingerprint(self) -> dict:
         """What a latent/text cache depends on; a cache made with a different value is refused."""
         raise NotImplementedError

@@ -74,9 +74,10 @@ def build_cache(cfg, backbone=None, device: str | None = None, shard_items: int 
                          "data.random_crop=false or cache.enabled=false")
     mc = cfg.model
     backbone = backbone or load_backbone(mc.pretrained, mc.family, mc.revision, mc.variant, mc.vae, mc.prediction_type)
+    from diffalign.config import weight_dtype
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    for m in backbone.frozen_modules().values():
-        m.to(device)
+    backbone.place(device, weight_dtype(cfg.train.mixed_precision), mc.vae_fp32)
     dtype = _DTYPES[cfg.cache.dtype]
     ds = build_preference_dataset(cfg.data, seed=cfg.train.seed)
     out = cache_dir_for(cfg)

@@ -20,12 +20,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from diffalign.backbones import Backbone, load_backbone
-from diffalign.config import Config, dump_config
+from diffalign.config import Config, dump_config, weight_dtype
 from diffalign.objectives import get_objective
 from diffalign.training import checkpoint as ckpt
 from diffalign.training.reference import make_reference
-
-_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -112,7 +110,7 @@ class Trainer:
             log_with=log_with or None,
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
         )
-        self.weight_dtype = _DTYPES[cfg.train.mixed_precision]
+        self.weight_dtype = weight_dtype(cfg.train.mixed_precision)
         self.objective = get_objective(cfg.objective.name)
         self.objective_params = cfg.objective.params()
         self.step = 0  # optimizer steps taken
@@ -128,11 +126,7 @@ class Trainer:
         self.backbone = bb = load_backbone(mc.pretrained, mc.family, mc.revision, mc.variant, mc.vae, mc.prediction_type)
         unet = bb.denoiser
         unet.requires_grad_(False)
-        for name, module in bb.frozen_modules().items():
-            dtype = torch.float32 if (name == "vae" and mc.vae_fp32) else self.weight_dtype
-            module.requires_grad_(False).to(acc.device)
-            if module.dtype != dtype:
-                module.to(dtype)
+        bb.place(acc.device, self.weight_dtype, mc.vae_fp32)
         if cfg.train.attention == "xformers":
             try:
                 import xformers  # noqa: F401
@@ -387,7 +381,9 @@ class Trainer:
         self.optimizer.step()  # under fp16 the grad scaler skips an overflowing step and lowers its scale
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if grad_norm is not None:
+        if self.acc.optimizer_step_was_skipped:
+            self.counters["scaler_skipped_steps"] = self.counters.get("scaler_skipped_steps", 0) + 1
+        elif grad_norm is not None:
             sums["grad_norm"] = float(grad_norm)
         sums["lr"] = self.scheduler.get_last_lr()[0]
         return sums, False
@@ -397,8 +393,8 @@ class Trainer:
         local = torch.tensor([sum(v) / len(v) for v in window.values()], device=acc.device, dtype=torch.float64)
         mean = acc.reduce(local, reduction="mean") if acc.num_processes > 1 else local
         metrics = dict(zip(window, mean.tolist()))
-        metrics |= {"step": self.step, "nonfinite_steps": self.counters["nonfinite_steps"],
-                    "skipped_items": self.counters["skipped_items"], "elapsed_s": round(time.time() - t0, 2)}
+        metrics |= {"step": self.step, "elapsed_s": round(time.time() - t0, 2)}
+        metrics |= {k: v for k, v in self.counters.items() if k != "consecutive_nonfinite"}
         acc.log(metrics, step=self.step)
         if acc.is_main_process:
             with open(self.out / "logs" / "metrics.jsonl", "a") as f:
