@@ -17,16 +17,7 @@ from diffalign.synpic.generators import ToyRenderGenerator
 from diffalign.synpic.phi import ranks_from_phi, soft_preference
 from diffalign.synpic.run import build_generators, run, shard_files
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The test machine's 2 cores are shared; torch's default 2 threads then thrash (measured 40x slower)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,16 +6,7 @@ from diffalign.toy import world
 from diffalign.toy.model import build_unet, initial_noise, sample, scheduler_config
 from diffalign.toy.text import build_text_encoder, build_tokenizer, encode_prompts
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The test machine's 2 cores are shared; torch's default 2 threads then thrash (measured 40x slower)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_grammar_has_18_prompts_that_parse_back():
