@@ -54,7 +54,7 @@ PROMPTS = ["a photo of a cat", LONG_PROMPT, "A Painting, of a DOG!", "red", "blu
 
 @pytest.fixture(scope="module")
 def scorers():
-    return {name: create_scorer(name, tiny=True, batch_size=8) for name in ("pickscore", "clipscore", "clip-s")}
+    return {name: create_scorer(name, tiny=True, device="cpu", batch_size=8) for name in ("pickscore", "clipscore", "clip-s")}
 
 
 @pytest.mark.parametrize("name", ["pickscore", "clipscore", "clip-s"])
@@ -146,8 +146,8 @@ def test_local_folder_loading_and_dtypes(tmp_path):
     from diffalign.rewards._hf_clip import save_tiny_clip
 
     save_tiny_clip(tmp_path / "clip", seed=3)
-    s = create_scorer("pickscore", model=str(tmp_path / "clip"), processor=None)
-    t = create_scorer("pickscore", tiny=True, seed=3)
+    s = create_scorer("pickscore", model=str(tmp_path / "clip"), processor=None, device="cpu")
+    t = create_scorer("pickscore", tiny=True, device="cpu", seed=3)
     imgs = [make_image(50, 70, seed=1), make_image(64, 64, seed=2)]
     torch.testing.assert_close(s.score(imgs, "a cat"), t.score(imgs, "a cat"), atol=1e-5, rtol=0)
     for dtype in ("bf16", "fp16"):

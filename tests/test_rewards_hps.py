@@ -37,7 +37,7 @@ def reference_scores(model, pixels, prompts):
 
 @pytest.fixture(scope="module")
 def scorer():
-    return create_scorer("hpsv2.1", tiny=True, batch_size=8)
+    return create_scorer("hpsv2.1", tiny=True, device="cpu", batch_size=8)
 
 
 # sizes exercise: downscale square, pad left/right, pad top/bottom (odd pad), upscale, longest side
@@ -94,15 +94,15 @@ def test_checkpoint_loads_with_weights_only_strictly(tmp_path):
     torch.save({"state_dict": model.state_dict()}, tmp_path / HPS_FILES["v2.0"])
     sd = load_hps_state_dict(tmp_path / HPS_FILES["v2.0"])  # weights_only=True inside
     assert set(sd) == set(model.state_dict())
-    loaded = create_scorer("hpsv2", tiny=True, checkpoint=str(tmp_path))  # folder -> file name of v2.0
-    random = create_scorer("hpsv2", tiny=True, seed=5)
+    loaded = create_scorer("hpsv2", tiny=True, device="cpu", checkpoint=str(tmp_path))  # folder -> file name of v2.0
+    random = create_scorer("hpsv2", tiny=True, device="cpu", seed=5)
     imgs = [make_image(80, 120)]
     torch.testing.assert_close(loaded.score(imgs, "a cat"), random.score(imgs, "a cat"))
     # strict: a missing key is an error that names it
     del sd["logit_scale"]
     torch.save({"state_dict": sd}, tmp_path / "broken.pt")
     with pytest.raises(RuntimeError, match="logit_scale"):
-        create_scorer("hpsv2.1", tiny=True, checkpoint=str(tmp_path / "broken.pt"))
+        create_scorer("hpsv2.1", tiny=True, device="cpu", checkpoint=str(tmp_path / "broken.pt"))
 
 
 def test_low_precision_runs(scorer):

@@ -145,7 +145,7 @@ def setup(tmp_path_factory):
     orig = ir.tiny_bert_tokenizer
     ir.tiny_bert_tokenizer = lambda: tok
     try:
-        scorer = create_scorer("imagereward", tiny=True, checkpoint=str(path.parent), batch_size=8)
+        scorer = create_scorer("imagereward", tiny=True, device="cpu", checkpoint=str(path.parent), batch_size=8)
     finally:
         ir.tiny_bert_tokenizer = orig
     return scorer, sd, tok
@@ -192,7 +192,7 @@ def test_strict_key_mapping(setup, tmp_path):
     from diffalign.rewards.imagereward import ImageRewardModel, blip_configs, convert_reference_state_dict
 
     _, sd, tok = setup
-    v, t = blip_configs(tiny=True, vocab_size=len(tok))
+    v, t = blip_configs(tiny=True, device="cpu", vocab_size=len(tok))
     model = ImageRewardModel(v, t)
     mapped = convert_reference_state_dict(sd)
     assert set(mapped) == set(model.state_dict())  # every parameter is filled, nothing left over
@@ -207,7 +207,7 @@ def test_strict_key_mapping(setup, tmp_path):
 
 
 def test_tiny_factory_and_bf16():
-    s = create_scorer("imagereward", tiny=True)
+    s = create_scorer("imagereward", tiny=True, device="cpu")
     imgs = [make_image(40, 40, seed=i) for i in range(3)]
     ref = s.score(imgs, "a cat")
     assert ref.std() > 1e-3
