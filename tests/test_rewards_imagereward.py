@@ -192,7 +192,7 @@ def test_strict_key_mapping(setup, tmp_path):
     from diffalign.rewards.imagereward import ImageRewardModel, blip_configs, convert_reference_state_dict
 
     _, sd, tok = setup
-    v, t = blip_configs(tiny=True, device="cpu", vocab_size=len(tok))
+    v, t = blip_configs(tiny=True, vocab_size=len(tok))
     model = ImageRewardModel(v, t)
     mapped = convert_reference_state_dict(sd)
     assert set(mapped) == set(model.state_dict())  # every parameter is filled, nothing left over
