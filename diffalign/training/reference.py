@@ -29,6 +29,9 @@ def adapters_disabled(model: nn.Module):
 class Reference:
     name = "none"
 
+    def to(self, device) -> Reference:
+        return self
+
     def energies(self, backbone: Backbone, policy: nn.Module, x0, noise, t, cond) -> torch.Tensor | None:
         return None
 

@@ -152,9 +152,7 @@ class Trainer:
         else:
             unet.to(acc.device).requires_grad_(True)
         self.reference = make_reference(cfg.train.reference, self.objective.needs_reference, cfg.lora is not None,
-                                         unet, self.weight_dtype)
-        if hasattr(self.reference, "to"):
-            self.reference.to(acc.device)
+                                         unet, self.weight_dtype).to(acc.device)
         self.params = [p for p in unet.parameters() if p.requires_grad]
 
         self.dataset = self._dataset()
