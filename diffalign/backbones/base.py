@@ -56,6 +56,10 @@ class Backbone:
         """Modules that never train (VAE, text encoders), by name, for device/dtype placement."""
         return {}
 
+    def save_pretrained(self, path, unet: nn.Module | None = None):
+        """Write a folder that `load_backbone` reads back, with `unet` (default: the denoiser) in it."""
+        raise NotImplementedError
+
     def fingerprint(self) -> dict:
         """What a latent/text cache depends on; a cache made with a different value is refused."""
         raise NotImplementedError
