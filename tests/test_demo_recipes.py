@@ -91,3 +91,15 @@ def test_pixel_folder_round_trip(tmp_path):
     torch.testing.assert_close(bb.encode_text(prompts)["prompt_embeds"], back.encode_text(prompts)["prompt_embeds"])
     for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "clip_sample"):
         assert back.noise_scheduler.config[key] == bb.noise_scheduler.config[key], key
+
+
+def test_toy_sampler_uses_the_model_folders_noise_schedule(tmp_path):
+    from diffalign.synpic.generators import ToySamplerGenerator
+    from diffalign.toy.base import QUICK_RECIPE, build_init_backbone
+
+    for pred in ("sample", "epsilon"):
+        build_init_backbone(replace(QUICK_RECIPE, prediction_type=pred)).save_pretrained(tmp_path / pred)
+        gen = ToySamplerGenerator(unet=str(tmp_path / pred), device="cpu", steps=2)
+        gen._load()
+        assert gen._parts[3].config.prediction_type == pred
+        assert len(gen.generate(["a red circle"], [0])) == 1

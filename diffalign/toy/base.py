@@ -46,9 +46,11 @@ class BaseRecipe:
     size: int = 16  # image side
     steps: int = 600  # optimizer steps
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 3e-3
+    lr_schedule: str = "linear"  # warmup, then linear decay to 0: the most quality for a short run
     warmup_steps: int = 50
-    ema_decay: float = 0.995
+    ema_decay: float = 0.99
+    prediction_type: str = "epsilon"  # the denoiser's target: epsilon | sample (x0) | v_prediction
     corrupt_p: float = 0.35  # share of captions with a wrong colour or shape
     caption_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
     images: int = 9600  # rendered (image, caption) rows; steps x batch_size / images = epochs
@@ -118,7 +120,10 @@ def build_init_backbone(recipe: BaseRecipe):
     tok = build_tokenizer()
     te = build_text_encoder(tok, seed=recipe.text_encoder_seed)
     unet = build_unet(width=recipe.width, sample_size=recipe.size, seed=recipe.seed)
-    return StableDiffusionBackbone(unet, build_scheduler(), te, tok, vae=None, source="toy:init")
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(build_scheduler().config, prediction_type=recipe.prediction_type)
+    return StableDiffusionBackbone(unet, scheduler, te, tok, vae=None, source="toy:init")
 
 
 def write_inputs(root: str | Path, recipe: BaseRecipe) -> tuple[Path, Path]:
@@ -136,7 +141,7 @@ def train_config(recipe: BaseRecipe, init: str | Path, data: str | Path, output_
         "data": {"format": "pickapic", "source": str(data), "resolution": recipe.size,
                  "caption_dropout": recipe.caption_dropout},  # fmt: skip
         "objective": {"name": "sft"},
-        "optim": {"lr": recipe.lr, "scheduler": "constant_with_warmup", "warmup_steps": recipe.warmup_steps},
+        "optim": {"lr": recipe.lr, "scheduler": recipe.lr_schedule, "warmup_steps": recipe.warmup_steps},
         "train": {"batch_size": recipe.batch_size, "max_steps": recipe.steps, "seed": recipe.seed,
                   "ema_decay": recipe.ema_decay},  # fmt: skip
         "logging": {"every": every, "tensorboard": False},
