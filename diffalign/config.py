@@ -82,6 +82,9 @@ class TrainSection(_Section):
     #: stop after this many consecutive steps skipped for a non-finite loss or gradient
     max_nonfinite_steps: int = pydantic.Field(5, ge=1)
     num_workers: int = pydantic.Field(0, ge=0)
+    #: exponential moving average of the trainable weights (diffusers' EMAModel: per-step decay
+    #: min(ema_decay, (1 + n) / (10 + n))); validation images and the export use the EMA weights. 0 = off
+    ema_decay: float = pydantic.Field(0.0, ge=0.0, lt=1.0)
 
 
 class LoggingConfig(_Section):

@@ -66,6 +66,10 @@ class Backbone:
             if next(module.parameters()).dtype != target:
                 module.to(target)
 
+    def save_pretrained(self, path, unet: nn.Module | None = None):
+        """Write a folder that `load_backbone` reads back, with `unet` (default: the denoiser) in it."""
+        raise NotImplementedError
+
     def fingerprint(self) -> dict:
         """What a latent/text cache depends on; a cache made with a different value is refused."""
         raise NotImplementedError

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -24,6 +27,11 @@ def _module_digest(module: nn.Module | None) -> str:
     for _, p in params[:4] + params[len(params) // 2 : len(params) // 2 + 4] + params[-4:]:
         h.update(p.detach().float().cpu().numpy().tobytes()[:4096])
     return h.hexdigest()[:16]
+
+
+#: model_index.json `_class_name` of a pixel-space folder (diffusers has no pipeline class for it; the
+#: missing `vae` entry is what makes load_backbone pick the pixel family)
+PIXEL_CLASS_NAME = "DiffalignPixelPipeline"
 
 
 class StableDiffusionBackbone(Backbone):
@@ -125,3 +133,25 @@ class StableDiffusionBackbone(Backbone):
             feature_extractor=None,
             requires_safety_checker=False,
         )
+
+    def save_pretrained(self, path: str | Path, unet: nn.Module | None = None) -> Path:
+        """Write a folder that `load_backbone` reads back: a diffusers pipeline, or for a pixel-space model
+        the same layout without a VAE (unet/, text_encoder/, tokenizer/, scheduler/, model_index.json)."""
+        path = Path(path)
+        if self.vae is not None:
+            self.pipeline(unet).save_pretrained(str(path), safe_serialization=True)
+            return path
+        import diffusers
+
+        unet = unet if unet is not None else self.denoiser
+        parts = {"unet": unet, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer,
+                 "scheduler": self.noise_scheduler}  # fmt: skip
+        for name, part in parts.items():
+            kw = {"safe_serialization": True} if isinstance(part, nn.Module) else {}
+            part.save_pretrained(str(path / name), **kw)
+        index = {"_class_name": PIXEL_CLASS_NAME, "_diffusers_version": diffusers.__version__}
+        for name, part in parts.items():
+            lib = "transformers" if type(part).__module__.startswith("transformers") else "diffusers"
+            index[name] = [lib, type(part).__name__]
+        (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return path

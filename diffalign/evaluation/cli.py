@@ -92,7 +92,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    from diffalign.evaluation.generation import LazyDiffusersGenerator, ModelLoadError
+    from diffalign.evaluation.generation import ModelLoadError, is_pixel_folder, make_generator
     from diffalign.evaluation.layout import LayoutError
     from diffalign.evaluation.runner import ModelRun, ResumeMismatch, model_label, run_eval
     from diffalign.evaluation.suites import SuiteError, load_suite
@@ -106,7 +106,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-lora", help="LoRA folder for the --compare model")
     p.add_argument("--compare-name")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on cuda, else float32")
-    p.add_argument("--batch-size", type=int, default=4, help="images per generation call")
+    p.add_argument("--batch-size", type=int, help="images per generation call (default 4; 256 for pixel-space models)")
     p.add_argument("--steps", type=int, help="override the suite's steps")
     p.add_argument("--guidance", type=float, help="override the suite's guidance")
     p.add_argument("--images-per-prompt", type=int, help="override the suite's images per prompt")
@@ -137,6 +137,8 @@ def eval_main(argv: list[str] | None = None) -> int:
             "height": h, "width": w, "negative_prompt": suite.negative_prompt, "dtype": dtype,
             "images_per_prompt": suite.images_per_prompt, "seeds": suite.seeds.model_dump(),
         }  # fmt: skip
+        if args.batch_size is None:
+            args.batch_size = 256 if is_pixel_folder(args.model) else 4
         specs = [(args.model, args.lora, args.name)]
         if args.compare:
             specs.append((args.compare, args.compare_lora, args.compare_name))
@@ -145,7 +147,7 @@ def eval_main(argv: list[str] | None = None) -> int:
             label = name or model_label(model, lora)
             if runs and label == runs[0].label:
                 label += "-2"
-            gen = LazyDiffusersGenerator(
+            gen = make_generator(
                 model, lora, device=args.device, dtype=dtype, sampler=suite.sampler, name=label,
                 steps=suite.steps, guidance=suite.guidance, height=h, width=w,
                 negative_prompt=suite.negative_prompt, batch_size=args.batch_size,

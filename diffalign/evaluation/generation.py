@@ -173,3 +173,79 @@ class LazyDiffusersGenerator:
         if self._gen is None:
             self._gen = DiffusersGenerator(load_pipeline(**self.load_args), name=self.name, **self.generator_kwargs)
         return self._gen(prompts, seeds)
+
+
+def is_pixel_folder(model: str) -> bool:
+    """A local model folder without a VAE (model_index.json has no `vae`): the pixel-space family, such as
+    the toy world's models, which diffusers has no pipeline class for."""
+    import json
+
+    index = Path(model).expanduser() / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        return "vae" not in json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+class PixelGenerator:
+    """A pixel-space model folder (unet/, text_encoder/, tokenizer/, scheduler/; no VAE) loaded with
+    `diffalign.backbones.load_backbone` on the first call and sampled with DDIM (eta 0) and
+    classifier-free guidance against the empty prompt (`diffalign.toy.model.sample`). The initial noise
+    of each image comes from a CPU generator seeded with its seed, as for diffusers models."""
+
+    def __init__(self, model: str, lora: str | None = None, device: str = "cpu", dtype: str = "float32",
+                 sampler: str = "default", name: str = "model", steps: int = 20, guidance: float = 5.0,
+                 height: int | None = None, width: int | None = None, negative_prompt: str | None = None,
+                 batch_size: int = 256):  # fmt: skip
+        check_model_path(model)
+        if lora is not None:
+            raise ModelLoadError("LoRA weights on a pixel-space model are not supported by diffalign eval yet")
+        if sampler not in ("default", "ddim"):
+            raise ModelLoadError(f"pixel-space models are sampled with DDIM; sampler {sampler!r} is not supported")
+        if negative_prompt:
+            raise ModelLoadError("pixel-space models take no negative prompt (guidance is against the empty prompt)")
+        if height is not None and width is not None and height != width:
+            raise ModelLoadError(f"pixel-space models make square images, got {height}x{width}")
+        self.model, self.device, self.dtype, self.name = model, device, dtype, name
+        self.steps, self.guidance, self.size, self.batch_size = steps, guidance, height, batch_size
+        self._parts = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._parts is not None
+
+    def _load(self):
+        import torch
+
+        from diffalign.backbones import load_backbone
+
+        try:
+            bb = load_backbone(self.model, family="pixel")
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"could not load the pixel-space model {self.model!r}: {e}") from e
+        unet, te = bb.denoiser.eval().to(self.device), bb.text_encoder.to(self.device)
+        if self.dtype != "float32":
+            unet, te = unet.to(getattr(torch, self.dtype)), te.to(getattr(torch, self.dtype))
+        self._parts = (unet, te, bb.tokenizer, bb.noise_scheduler)
+
+    def __call__(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+        from diffalign.toy.model import sample
+
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        if self._parts is None:
+            self._load()
+        unet, te, tok, sched = self._parts
+        arr = sample(unet, te, tok, sched, list(prompts), [int(s) for s in seeds], self.steps, self.guidance,
+                     batch_size=self.batch_size, size=self.size)  # fmt: skip
+        return [Image.fromarray(a) for a in arr]
+
+
+def make_generator(model: str, lora: str | None = None, **kwargs):
+    """The generator for a model: PixelGenerator for a pixel-space folder, else a LazyDiffusersGenerator.
+    kwargs: device, dtype, sampler, name, steps, guidance, height, width, negative_prompt, batch_size."""
+    if is_pixel_folder(model):
+        return PixelGenerator(model, lora, **kwargs)
+    return LazyDiffusersGenerator(model, lora, **kwargs)

@@ -72,6 +72,16 @@ def summary_markdown(summary: dict) -> str:
         for s, w in comp["win_rates"].items():
             lines.append(f"| {s} | {w['win_rate']:.3f} | {w['wins']} | {w['ties']} | {w['losses']} | {w['prompts']} |")
         lines.append("")
+        if comp.get("mcnemar"):
+            lines.append(f"Paired exact McNemar test, **{comp['a']}** vs **{comp['b']}** on the same prompts and seeds "
+                         "(binary scorers; a only / b only = images only that model gets right):")
+            lines.append("")
+            lines.append(f"| scorer | {comp['a']} | {comp['b']} | a only | b only | pairs | p-value |")
+            lines.append("|---|---|---|---|---|---|---|")
+            for s, t in comp["mcnemar"].items():
+                lines.append(f"| {s} | {t['a_mean']:.3f} | {t['b_mean']:.3f} | {t['a_only']} | {t['b_only']} | "
+                             f"{t['n']} | {t['p_value']:.2g} |")
+            lines.append("")
     if summary.get("anchors"):
         lines.append("Published anchors for this suite (sanity checks for real-weight runs; see the suite file):")
         lines.append("")

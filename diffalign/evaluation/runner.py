@@ -273,6 +273,7 @@ def run_eval(
     items = suite.load_prompts(limit)
     indices = {it.index for it in items}
     higher = {name: getattr(s, "higher_is_better", True) for name, s in scorers.items()}
+    binary = [name for name, s in scorers.items() if getattr(s, "binary", False)]
     summary: dict = {
         "suite": suite.name,
         "suite_path": suite.path,
@@ -301,13 +302,21 @@ def run_eval(
         summary["models"][m.label] = entry
     if len(models) == 2:
         a, b = models
-        summary["comparison"] = {"a": a.label, "b": b.label, "win_rates": win_rates(a.rows, b.rows, higher)}
+        summary["comparison"] = {"a": a.label, "b": b.label, "win_rates": win_rates(a.rows, b.rows, higher),
+                                 "mcnemar": mcnemar_by_scorer(a.rows, b.rows, binary)}
         write_jsonl(comparison_rows(a, b), out_dir / "comparison.jsonl")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     (out_dir / "summary.md").write_text(report_mod.summary_markdown(summary), encoding="utf-8")
     if report:
         report_mod.write_html_report(summary, {m.label: m.rows for m in models}, out_dir)
     return summary
+
+
+def mcnemar_by_scorer(rows_a: list[dict], rows_b: list[dict], names: Sequence[str]) -> dict:
+    """Exact McNemar tests (diffalign.evaluation.stats) for the binary (pass / fail) scorers `names`."""
+    from diffalign.evaluation.stats import paired_mcnemar
+
+    return {n: t for n in sorted(names) if (t := paired_mcnemar(rows_a, rows_b, n)) is not None}
 
 
 def comparison_rows(a: ModelRun, b: ModelRun) -> list[dict]:

@@ -23,6 +23,8 @@ class Scorer:
     name: str = "scorer"
     #: True when a higher score means a better image (all built-in scorers).
     higher_is_better: bool = True
+    #: True when every score is 0 or 1 (a per-image pass / fail), so paired tests such as McNemar apply.
+    binary: bool = False
 
     def __init__(self, batch_size: int = 32):
         self.batch_size = batch_size

@@ -71,7 +71,8 @@ def _device(device: str | None) -> Any:
 class ToySamplerGenerator:
     """The toy pixel-space model sampled with DDIM + CFG (`diffalign.toy.model.sample`).
 
-    `unet`: a diffusers UNet folder (config.json + safetensors) or a folder holding one under `unet/`;
+    `unet`: a diffusers UNet folder (config.json + safetensors) or a folder holding one under `unet/`
+    (and then its noise schedule under `scheduler/`, if there is one);
     None builds a randomly initialised one (seed `init_seed`, for tests). The text encoder and
     tokenizer are rebuilt by code (seed `text_encoder_seed`), as in training. An already built
     UNet2DConditionModel can be passed as `unet_model`."""
@@ -119,9 +120,14 @@ class ToySamplerGenerator:
             path = Path(self.unet_path)
             sub = "unet" if (path / "unet" / "config.json").exists() else None
             unet = UNet2DConditionModel.from_pretrained(str(path), subfolder=sub, use_safetensors=True)
+        scheduler = build_scheduler()
+        if self.unet_path is not None and (Path(self.unet_path) / "scheduler" / "scheduler_config.json").is_file():
+            from diffusers import DDPMScheduler  # a model folder's own schedule (e.g. its prediction type)
+
+            scheduler = DDPMScheduler.from_pretrained(str(self.unet_path), subfolder="scheduler")
         tok = build_tokenizer()
         te = build_text_encoder(tok, seed=self.text_encoder_seed).to(device)
-        self._parts = (unet.eval().to(device), te, tok, build_scheduler())
+        self._parts = (unet.eval().to(device), te, tok, scheduler)
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
         from diffalign.toy.model import sample

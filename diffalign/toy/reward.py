@@ -205,6 +205,30 @@ class ToyScorer(Scorer):
         return toy_reward_details(images, prompts)
 
 
+#: per-image fields of `toy_reward_details` exposed as scorers "toy_<field>" (correct/colour/shape as
+#: 0/1, so their mean is an accuracy and a paired McNemar test applies; cleanliness in [0, 1])
+FIELD_SCORERS = ("correct", "colour_correct", "shape_correct", "cleanliness")
+
+
+class ToyFieldScorer(ToyScorer):
+    """One field of the toy reward as a scorer, e.g. "toy_correct" (1.0 = the image follows its prompt)."""
+
+    def __init__(self, field: str, batch_size: int = 1024, device: str | None = None):
+        if field not in FIELD_SCORERS:
+            raise ValueError(f"unknown toy reward field {field!r}; expected one of {FIELD_SCORERS}")
+        super().__init__(batch_size=batch_size)
+        self.field = field
+        self.name = f"toy_{field}"
+        self.binary = field != "cleanliness"
+
+    def _score_batch(self, images: Images, prompts: list[str]) -> torch.Tensor:
+        return torch.from_numpy(toy_reward_details(images, prompts)[self.field].astype(np.float32))
+
+
+for _field in FIELD_SCORERS:
+    register_scorer(f"toy_{_field}")(lambda batch_size=1024, device=None, _f=_field: ToyFieldScorer(_f, batch_size))
+
+
 def accuracy_on_ground_truth(
     num: int = 1800, size: int = 16, seed: int = 0, prompts: Sequence[str] | None = None
 ) -> dict[str, float]:

@@ -57,7 +57,8 @@ def validation_grid(trainer, step: int) -> Path | None:
 
 def export_final(trainer, metrics: dict) -> Path:
     """LoRA runs write `pytorch_lora_weights.safetensors` (loadable with `pipe.load_lora_weights(dir)`);
-    full runs write a complete diffusers pipeline folder (or the UNet alone for pixel-space models)."""
+    full runs write a complete diffusers pipeline folder (for pixel-space models the same layout without a
+    VAE, which `load_backbone` reads back)."""
     out = trainer.out / "final"
     out.mkdir(parents=True, exist_ok=True)
     unet = trainer.acc.unwrap_model(trainer.unet)
@@ -74,12 +75,12 @@ def export_final(trainer, metrics: dict) -> Path:
         what = "LoRA adapter (diffusers format): `pipe.load_lora_weights(this_folder)`"
     else:
         unet = unet.to(torch.float32)
-        try:
-            bb.pipeline(unet).save_pretrained(str(out), safe_serialization=True)
+        bb.save_pretrained(out, unet)
+        if bb.family == "pixel":
+            what = ("pixel-space model (unet/, text_encoder/, tokenizer/, scheduler/; no VAE): "
+                    "`diffalign.backbones.load_backbone(this_folder)`, `diffalign eval --model this_folder`")
+        else:
             what = "full diffusers pipeline: `DiffusionPipeline.from_pretrained(this_folder)`"
-        except NotImplementedError:
-            unet.save_pretrained(str(out / "unet"), safe_serialization=True)
-            what = "UNet in diffusers format: `UNet2DConditionModel.from_pretrained(this_folder, subfolder='unet')`"
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "README.md").write_text(model_card(trainer, metrics, what))
     return out

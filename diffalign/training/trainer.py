@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -165,6 +165,12 @@ class Trainer:
                                   num_training_steps=cfg.train.max_steps)
         self.unet, self.optimizer, self.scheduler = acc.prepare(unet, optimizer, scheduler)
         self._register_checkpoint_hooks()
+        self.ema = None
+        if cfg.train.ema_decay:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.params, decay=cfg.train.ema_decay)
+            acc.register_for_checkpointing(self.ema)  # saved and resumed with the checkpoint
 
     def _dataset(self):
         if self.cfg.cache.enabled:
@@ -378,6 +384,8 @@ class Trainer:
             return sums, True
         self.optimizer.step()  # under fp16 the grad scaler skips an overflowing step and lowers its scale
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.step(self.params)
         self.optimizer.zero_grad(set_to_none=True)
         if self.acc.optimizer_step_was_skipped:
             self.counters["scaler_skipped_steps"] = self.counters.get("scaler_skipped_steps", 0) + 1
@@ -400,6 +408,19 @@ class Trainer:
         return metrics
 
     # ---- checkpoints, validation, export -------------------------------------------------------------
+    @contextmanager
+    def ema_weights(self):
+        """The trainable weights hold their EMA inside the block (no-op without EMA), raw ones after."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.params)
+
     def save_checkpoint(self) -> Path:
         root = ckpt.checkpoint_root(self.out)
         final = root / f"step-{self.step:07d}"
@@ -416,7 +437,8 @@ class Trainer:
 
         if not self.acc.is_main_process:
             return None
-        return validation_grid(self, self.step)
+        with self.ema_weights():
+            return validation_grid(self, self.step)
 
     def export(self, metrics: dict) -> Path | None:
         from diffalign.training.export import export_final
@@ -424,4 +446,5 @@ class Trainer:
         self.acc.wait_for_everyone()
         if not self.acc.is_main_process:
             return None
-        return export_final(self, metrics)
+        with self.ema_weights():
+            return export_final(self, metrics)

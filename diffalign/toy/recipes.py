@@ -1,0 +1,181 @@
+"""The toy demo's recipes: one place for every hyper-parameter of `diffalign demo`.
+
+Each function returns a plain config dict for an existing entry point (`diffalign train`,
+`diffalign synpic`), with the paths of one demo output folder filled in. The demo writes them to
+OUT/configs/ and runs them; `configs/toy_*.yaml` in the repository are the same recipes rendered for
+`--out runs/demo` (regenerate with `python -m diffalign.toy.recipes --write configs`; a test checks they
+match), so any step can be rerun by hand after a demo, e.g. `diffalign train configs/toy_dpo.yaml`.
+
+Alignment (all full fine-tuning of the base, frozen-copy reference where the method needs one, batch 16
+items, the same seed, data and noise for every method):
+- dpo: Diffusion-DPO on (best, worst) pairs of each Syn-Pic group, beta 2000 (diffalign's convention,
+  objectives/base.py), lr 1e-5;
+- dpo_winner: the same plus winner_weight 500 x mean(e_w), an SFT term on the preferred image (RPO-style).
+  Its gradient must be comparable to the DPO term's: the prototype (docs/toyworld.md) found weight 1 had
+  no effect and 500 fixed the likelihood displacement plain DPO suffers here;
+- mapo: MaPO's paper formula (beta 0.1), reference-free, lr 1e-5;
+- rankdpo: RankDPO on the full k = 4 ranked lists (DCG-weighted pairwise DPO), beta 2000, lr 1e-5;
+- sft_winners: supervised fine-tuning on the best image of each pair, lr 1e-4.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from diffalign.toy.base import BaseRecipe, train_config
+
+#: the demo's default output folder; the committed configs/toy_*.yaml are rendered for it
+DEFAULT_OUT = "runs/demo"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str  # for tables and plots
+    objective: dict
+    lr: float
+    pairs: bool = True  # (best, worst) pairs; False: the full ranked list
+    note: str = ""
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("dpo", "DPO", {"name": "dpo", "beta": 2000.0}, 1e-5,
+               note="plain Diffusion-DPO"),
+        Method("dpo_winner", "DPO + winner term", {"name": "dpo", "beta": 2000.0, "winner_weight": 500.0}, 1e-5,
+               note="DPO plus 500 x mean(e_w), which keeps the preferred image likely"),
+        Method("mapo", "MaPO", {"name": "mapo"}, 1e-5, note="reference-free, paper formula"),
+        Method("rankdpo", "RankDPO", {"name": "rankdpo", "beta": 2000.0}, 1e-5, pairs=False,
+               note="k = 4 ranked lists, DCG-weighted"),
+        Method("sft_winners", "SFT on winners", {"name": "sft"}, 1e-4, note="the best image of each group"),
+    )
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """Everything after the base: Syn-Pic data, alignment length, evaluation protocol."""
+
+    base: BaseRecipe = field(default_factory=BaseRecipe)
+    groups_per_prompt: int = 8  # Syn-Pic rows per prompt
+    k: int = 4  # images per Syn-Pic row
+    sample_steps: int = 20  # DDIM steps for the data and the evaluation
+    guidance: float = 5.0
+    align_steps: int = 200
+    align_batch: int = 16
+    eval_images_per_prompt: int = 16
+    methods: tuple[str, ...] = tuple(METHODS)
+
+
+#: `diffalign demo --quick`: a smoke run of every stage in seconds (numbers mean nothing)
+QUICK = DemoRecipe(
+    base=BaseRecipe(width=8, steps=4, batch_size=8, warmup_steps=0, images=64),
+    groups_per_prompt=1, k=2, sample_steps=2, align_steps=2, align_batch=2, eval_images_per_prompt=2,
+)  # fmt: skip
+
+
+def paths(out: str | Path) -> dict[str, str]:
+    out = str(out).rstrip("/")
+    return {
+        "base": f"{out}/base",
+        "synpic": f"{out}/synpic",
+        "data": f"{out}/synpic/data",
+        "train": f"{out}/train",
+        "eval": f"{out}/eval",
+        "configs": f"{out}/configs",
+        "base_inputs": f"{out}/base_inputs",
+    }
+
+
+def synpic_config(out: str | Path, r: DemoRecipe = DemoRecipe()) -> dict:
+    """Toy Syn-Pic: each of the 18 prompts x groups_per_prompt rows of k base samples, ranked by the toy
+    reward. Image seeds are seed + row * k + j (< 1_000_000, disjoint from the eval suite's)."""
+    p = paths(out)
+    return {
+        "prompts": {"source": "toy", "repeats": r.groups_per_prompt},
+        "generators": [{"type": "toy_sampler", "name": "base", "unet": p["base"], "size": r.base.size,
+                        "images_per_prompt": r.k, "steps": r.sample_steps, "guidance": r.guidance,
+                        "text_encoder_seed": r.base.text_encoder_seed}],  # fmt: skip
+        "scorers": ["toy"],
+        "seed": 0,
+        "shard_size": 18 * r.groups_per_prompt,
+        "output_dir": p["synpic"],
+    }
+
+
+def align_config(method: str, out: str | Path, r: DemoRecipe = DemoRecipe()) -> dict:
+    m = METHODS[method]
+    p = paths(out)
+    return {
+        "model": {"pretrained": p["base"]},
+        "data": {"format": "ranked", "source": p["data"], "resolution": r.base.size, "ranked_as_pairs": m.pairs},
+        "objective": dict(m.objective),
+        "optim": {"lr": m.lr},
+        "train": {"batch_size": r.align_batch, "max_steps": r.align_steps, "seed": 0},
+        "logging": {"every": max(1, min(10, r.align_steps)), "tensorboard": False},
+        "checkpoint": {"every": r.align_steps, "keep": 1},
+        "output_dir": f"{p['train']}/{method}",
+    }
+
+
+def base_config(out: str | Path, r: DemoRecipe = DemoRecipe()) -> dict:
+    """The base's SFT config with its inputs under OUT/base_inputs (`python -m diffalign.toy.base --inputs`)."""
+    p = paths(out)
+    return train_config(r.base, f"{p['base_inputs']}/init", f"{p['base_inputs']}/sft.parquet", f"{p['train']}/base")
+
+
+_HEADERS = {
+    "toy_base": "The toy base model: SFT on renders with 35% corrupted captions, EMA weights (diffalign/toy/base.py).\n"
+                "`diffalign demo` builds and caches it; to rerun by hand:\n"
+                "  python -m diffalign.toy.base --inputs runs/demo/base_inputs && diffalign train configs/toy_base.yaml",
+    "toy_synpic": "Toy Syn-Pic data from the demo's base model, ranked by the toy reward.\n"
+                  "After `diffalign demo`: diffalign synpic configs/toy_synpic.yaml --overwrite",
+}  # fmt: skip
+
+
+def rendered(out: str | Path = DEFAULT_OUT, r: DemoRecipe = DemoRecipe()) -> dict[str, tuple[str, dict]]:
+    """name -> (header comment, config) of every demo step, for the output folder `out`."""
+    docs = {"toy_base": (_HEADERS["toy_base"], base_config(out, r)),
+            "toy_synpic": (_HEADERS["toy_synpic"], synpic_config(out, r))}  # fmt: skip
+    for name in r.methods:
+        m = METHODS[name]
+        head = (f"Toy world, {m.label}: {m.note} (diffalign/toy/recipes.py, docs/demo.md).\n"
+                f"After `diffalign demo`: diffalign train configs/toy_{name}.yaml")  # fmt: skip
+        docs[f"toy_{name}"] = (head, align_config(name, out, r))
+    return docs
+
+
+def to_yaml(header: str, config: dict) -> str:
+    comment = "".join(f"# {line}\n" for line in header.splitlines())
+    comment += "# Generated by `python -m diffalign.toy.recipes --write configs`; edit diffalign/toy/recipes.py.\n"
+    return comment + yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=110)
+
+
+def write_configs(folder: str | Path, out: str | Path = DEFAULT_OUT, r: DemoRecipe = DemoRecipe()) -> list[Path]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, (header, cfg) in rendered(out, r).items():
+        path = folder / f"{name}.yaml"
+        path.write_text(to_yaml(header, cfg))
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m diffalign.toy.recipes", description="write the toy demo's configs")
+    p.add_argument("--write", required=True, help="folder to write toy_*.yaml into (the repository's: configs)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="the demo output folder the configs refer to")
+    args = p.parse_args(argv)
+    for path in write_configs(args.write, args.out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
