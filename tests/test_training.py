@@ -169,7 +169,9 @@ def test_two_processes_match_one_process_with_double_batch(tmp_path):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                "-m", "diffalign", "train", str(paths[name])]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        if proc.returncode != 0:  # show the failing rank's own traceback, not only torchrun's summary
+            tracebacks = [p for p in proc.stderr.split("Traceback") if "torch/distributed/run.py" not in p]
+            pytest.fail(f"{name}: exit {proc.returncode}\n" + ("Traceback" + tracebacks[-1] if tracebacks else proc.stderr)[-4000:])
         assert f"x {n} processes" in proc.stdout, proc.stdout[-2000:]
     a = load_file(str(Path(one["output_dir"]) / "final" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(Path(two["output_dir"]) / "final" / "pytorch_lora_weights.safetensors"))
