@@ -205,10 +205,12 @@ def dpo_story(results: dict) -> str:
     dpo = models.get("dpo")
     if dpo:
         acc, tr, mc = dpo["scores"][CORRECT]["mean"], dpo["train"], dpo["mcnemar"] or {}
-        verdict = "lowered" if acc < base else "raised"
-        parts.append(f"<p>Plain Diffusion-DPO {verdict} accuracy from {base:.3f} to {acc:.3f} "
-                     f"(McNemar p = {_p(mc.get('p_value'))}). Its training loss still fell (final implicit "
-                     f"accuracy {_num(tr.get('implicit_acc'), '{:.2f}')}).</p>")  # fmt: skip
+        pv = mc.get("p_value")
+        verdict = ("did not change accuracy significantly" if pv is None or pv >= 0.05
+                   else "lowered accuracy" if acc < base else "raised accuracy")  # fmt: skip
+        parts.append(f"<p>Plain Diffusion-DPO {verdict}: {base:.3f} for the base, {acc:.3f} after "
+                     f"(McNemar p = {_p(pv)}). Its final implicit accuracy on the training pairs was "
+                     f"{_num(tr.get('implicit_acc'), '{:.2f}')}.</p>")  # fmt: skip
         dw, dl = tr.get("drift_w"), tr.get("drift_l")
         if dw is not None and dl is not None:
             if dw > 0:
