@@ -179,3 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+#: the CI end-to-end test (tests/test_demo_e2e.py): the default base and protocol, one method
+CI = DemoRecipe(methods=("sft_winners",))
