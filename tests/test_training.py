@@ -106,8 +106,10 @@ def test_full_finetune_resume_and_export_reload(tmp_path):
         torch.testing.assert_close(reloaded[name].detach(), p, msg=name)
 
 
-def test_exported_lora_loads_into_a_diffusers_pipeline_and_changes_it(tmp_path):
-    trainer = run(tiny_config(tmp_path, optim={"lr": 1e-2}, train={"max_steps": 3}))
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_exported_lora_loads_into_a_diffusers_pipeline_and_changes_it(tmp_path, family):
+    trainer = run(tiny_config(tmp_path, model={"pretrained": f"tiny:{family}"}, optim={"lr": 1e-2},
+                              train={"max_steps": 3}))
     final = Path(trainer.out) / "final"
     assert (final / "pytorch_lora_weights.safetensors").is_file()
     assert "dpo" in (final / "README.md").read_text()
@@ -117,7 +119,7 @@ def test_exported_lora_loads_into_a_diffusers_pipeline_and_changes_it(tmp_path):
         g = torch.Generator().manual_seed(0)
         return pipe("a red circle", num_inference_steps=3, height=32, width=32, generator=g, output_type="np").images
 
-    pipe = tiny_pipeline("sd")
+    pipe = tiny_pipeline(family)  # StableDiffusionPipeline / StableDiffusionXLPipeline
     pipe.set_progress_bar_config(disable=True)
     base = image(pipe)
     pipe.load_lora_weights(str(final))
