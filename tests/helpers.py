@@ -57,3 +57,24 @@ def assert_states_close(a: dict, b: dict, atol: float = 1e-6, rtol: float = 1e-5
             a[k], b[k], atol=atol, rtol=rtol,
             msg=lambda m, k=k: f"parameter {k} differs: {m}",
         )
+
+
+def crash_then_resume(cfg_dict: dict, crash_at_step: int, monkeypatch):
+    """Train until `crash_at_step` optimizer steps are done, die there (as a kill would), then resume from
+    the latest checkpoint and train to the end. Returns the resumed trainer."""
+    import pytest
+
+    from diffalign.training.trainer import Trainer
+
+    original = Trainer._optimizer_step
+
+    def crashing(self, batches):
+        if self.step == crash_at_step:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, batches)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg_dict)
+    monkeypatch.setattr(Trainer, "_optimizer_step", original)
+    return run(cfg_dict, resume="latest")

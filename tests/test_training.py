@@ -13,9 +13,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import assert_states_close, reset_accelerate, run, tiny_config, trainable_state
+from tests.helpers import (
+    assert_states_close,
+    crash_then_resume,
+    reset_accelerate,
+    run,
+    tiny_config,
+    trainable_state,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _logged_steps(cfg: dict) -> list[int]:
+    path = Path(cfg["output_dir"]) / "logs" / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
 
 
 def test_training_moves_the_weights_and_logs(tmp_path):
@@ -53,49 +65,24 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path, monkeypatch
     common = dict(train={"max_steps": 6}, checkpoint={"every": 3}, optim={"scheduler": "linear", "warmup_steps": 2})
     full = run(tiny_config(tmp_path / "full", **common))
 
-    from diffalign.training.trainer import Trainer
-
     crash_cfg = tiny_config(tmp_path / "crash", **common)
-    original = Trainer._optimizer_step
-
-    def crashing(self, batches):
-        if self.step == 4:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, batches)
-
-    monkeypatch.setattr(Trainer, "_optimizer_step", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        run(crash_cfg)
-    monkeypatch.setattr(Trainer, "_optimizer_step", original)
+    resumed = crash_then_resume(crash_cfg, 4, monkeypatch)
     ckpts = Path(crash_cfg["output_dir"]) / "checkpoints"
-    assert (ckpts / "latest").read_text() == "step-0000003"
-    resumed = run(crash_cfg, resume="latest")
+    assert (ckpts / "latest").read_text() == "step-0000006"
+    assert (ckpts / "step-0000003").is_dir()  # the crash came after step 3's checkpoint
     assert resumed.step == 6
+    # determinism alone would make a silent restart from step 0 match too, so check the log: step 4 ran
+    # after the step-3 checkpoint, was lost in the crash and redone after resuming from step 3
+    assert _logged_steps(crash_cfg) == [1, 2, 3, 4, 4, 5, 6]
     assert_states_close(trainable_state(full), trainable_state(resumed), atol=1e-7, rtol=1e-6)
 
 
-def test_full_finetune_resume_and_export_reload(tmp_path):
+def test_full_finetune_resume_and_export_reload(tmp_path, monkeypatch):
     common = dict(lora=None, train={"max_steps": 4}, checkpoint={"every": 2}, optim={"lr": 1e-4})
     full = run(tiny_config(tmp_path / "full", **common))
-    cfg = tiny_config(tmp_path / "part", **common)
-    part = dict(cfg, train={**cfg["train"], "max_steps": 4})
-    # stop after step 2 by resuming from a copy of its checkpoint state: run 2 steps with the same schedule
-    from diffalign.training.trainer import Trainer
-
-    original = Trainer._optimizer_step
-
-    def crashing(self, batches):
-        if self.step == 2:
-            raise RuntimeError("simulated crash")
-        return original(self, batches)
-
-    Trainer._optimizer_step = crashing
-    try:
-        with pytest.raises(RuntimeError):
-            run(part)
-    finally:
-        Trainer._optimizer_step = original
-    resumed = run(part, resume="latest")
+    part = tiny_config(tmp_path / "part", **common)
+    resumed = crash_then_resume(part, 2, monkeypatch)
+    assert _logged_steps(part) == [1, 2, 3, 4]
     assert_states_close(trainable_state(full), trainable_state(resumed), atol=1e-7, rtol=1e-6)
 
     from diffusers import DiffusionPipeline

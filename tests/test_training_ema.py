@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import assert_states_close, run, tiny_config, trainable_state
+from tests.helpers import assert_states_close, crash_then_resume, run, tiny_config, trainable_state
 
 FULL = dict(lora=None, optim={"lr": 1e-3})
 
@@ -60,21 +60,8 @@ def test_ema_state_survives_a_resume(tmp_path, monkeypatch):
     common = dict(**FULL, train={"max_steps": 4, "ema_decay": 0.8}, checkpoint={"every": 2})
     full_cfg = tiny_config(tmp_path / "full", **common)
     run(full_cfg)
-    from diffalign.training.trainer import Trainer
-
     crash_cfg = tiny_config(tmp_path / "crash", **common)
-    original = Trainer._optimizer_step
-
-    def crashing(self, batches):
-        if self.step == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, batches)
-
-    monkeypatch.setattr(Trainer, "_optimizer_step", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        run(crash_cfg)
-    monkeypatch.setattr(Trainer, "_optimizer_step", original)
-    resumed = run(crash_cfg, resume="latest")
+    resumed = crash_then_resume(crash_cfg, 3, monkeypatch)
     assert resumed.ema.optimization_step == 4
     a, b = _exported_unet(full_cfg), _exported_unet(crash_cfg)
     assert_states_close(a, b, atol=1e-7, rtol=1e-6)
