@@ -87,12 +87,13 @@ def test_batch_size_invariance_and_shared_prompt_once(scorer, monkeypatch):
 
 
 def test_checkpoint_loads_with_weights_only_strictly(tmp_path):
-    from diffalign.rewards.hps import HPS_FILES, build_hps_model, load_hps_state_dict
+    from diffalign.rewards._common import load_torch_state_dict
+    from diffalign.rewards.hps import HPS_FILES, build_hps_model
 
     model, _ = build_hps_model("diffalign-tiny-hps", seed=5)
     # the published files are {'state_dict': open_clip keys}; write one in that schema
     torch.save({"state_dict": model.state_dict()}, tmp_path / HPS_FILES["v2.0"])
-    sd = load_hps_state_dict(tmp_path / HPS_FILES["v2.0"])  # weights_only=True inside
+    sd = load_torch_state_dict(tmp_path / HPS_FILES["v2.0"])  # weights_only=True inside
     assert set(sd) == set(model.state_dict())
     loaded = create_scorer("hpsv2", tiny=True, device="cpu", checkpoint=str(tmp_path))  # folder -> file name of v2.0
     random = create_scorer("hpsv2", tiny=True, device="cpu", seed=5)
@@ -110,3 +111,11 @@ def test_low_precision_runs(scorer):
     bf = create_scorer("hpsv2.1", tiny=True, dtype="bf16", device="cpu")
     assert bf.model.visual.conv1.weight.dtype == torch.bfloat16
     torch.testing.assert_close(bf.score(imgs, "a cat"), scorer.score(imgs, "a cat"), atol=1.5, rtol=0)
+
+
+def test_missing_third_party_checkpoint_is_a_clear_error(tmp_path):
+    """Shared by HPS and ImageReward: a folder without the expected file names the path it looked for."""
+    with pytest.raises(FileNotFoundError, match=r"HPS v2.1 checkpoint not found: .*HPS_v2.1_compressed.pt"):
+        create_scorer("hpsv2.1", tiny=True, checkpoint=str(tmp_path), device="cpu")
+    with pytest.raises(FileNotFoundError, match=r"ImageReward checkpoint not found: .*ImageReward.pt"):
+        create_scorer("imagereward", tiny=True, checkpoint=str(tmp_path), device="cpu")

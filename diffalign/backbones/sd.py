@@ -122,7 +122,7 @@ class StableDiffusionBackbone(Backbone):
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
         if self.vae is None:
-            raise NotImplementedError("pixel-space backbones have no diffusers pipeline; use diffalign.sampling")
+            raise NotImplementedError("pixel-space backbones have no diffusers pipeline; sample with diffalign.toy.model.sample")
         return StableDiffusionPipeline(
             unet=unet or self.denoiser,
             vae=self.vae,

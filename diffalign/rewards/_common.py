@@ -164,3 +164,25 @@ def clip_bpe_tokenizer(model_max_length: int = 77):
         pad_token="<|endoftext|>",
         model_max_length=model_max_length,
     )
+
+
+def resolve_checkpoint_file(checkpoint: str | Path | None, repo: str, filename: str, what: str) -> Path:
+    """A third-party checkpoint file: None downloads `filename` from hub `repo`; a folder means the file of
+    that name inside it; else the path itself. A missing file is an error naming the path."""
+    if checkpoint is None:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo, filename))
+    path = Path(checkpoint).expanduser()
+    if path.is_dir():
+        path = path / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} checkpoint not found: {path}")
+    return path
+
+
+def load_torch_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A third-party .pt file, loaded with `torch.load(weights_only=True)` (tensors and plain containers
+    only, never arbitrary pickled objects); accepts {'state_dict': sd} or a bare state dict."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt

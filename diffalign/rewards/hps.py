@@ -18,8 +18,6 @@ Scale: the benchmark convention, cosine * 100 (`hpsv2.score()` itself returns th
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from diffalign.rewards._common import (
@@ -27,6 +25,8 @@ from diffalign.rewards._common import (
     OPENAI_CLIP_STD,
     TextCachingScorer,
     as_float_list,
+    load_torch_state_dict,
+    resolve_checkpoint_file,
     resolve_device,
     resolve_dtype,
 )
@@ -112,26 +112,6 @@ class HPSScorer(TextCachingScorer):
         return 100.0 * (img * txt).sum(-1)
 
 
-def load_hps_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Third-party checkpoint: `torch.load(weights_only=True)`; accepts {'state_dict': sd} or a bare sd."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    return ckpt["state_dict"] if isinstance(ckpt, dict) and "state_dict" in ckpt else ckpt
-
-
-def resolve_hps_checkpoint(checkpoint: str | Path | None, version: str) -> Path:
-    filename = HPS_FILES[version]
-    if checkpoint is None:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(HPS_REPO, filename))
-    path = Path(checkpoint).expanduser()
-    if path.is_dir():
-        path = path / filename
-    if not path.is_file():
-        raise FileNotFoundError(f"HPS {version} checkpoint not found: {path}")
-    return path
-
-
 def build_hps_model(arch: str = HPS_ARCH, state_dict: dict | None = None, seed: int = 0):
     """open_clip model `arch` (no pretrained download) + its tokenizer; strict load of `state_dict`."""
     import open_clip
@@ -149,8 +129,8 @@ def _build(version: str, checkpoint, device, dtype, batch_size, tiny, seed) -> H
     if tiny and checkpoint is None:
         model, tokenizer = build_hps_model(TINY_ARCH, seed=seed)
     else:
-        path = resolve_hps_checkpoint(checkpoint, version)
-        model, tokenizer = build_hps_model(TINY_ARCH if tiny else HPS_ARCH, load_hps_state_dict(path))
+        path = resolve_checkpoint_file(checkpoint, HPS_REPO, HPS_FILES[version], f"HPS {version}")
+        model, tokenizer = build_hps_model(TINY_ARCH if tiny else HPS_ARCH, load_torch_state_dict(path))
     return HPSScorer(model, tokenizer, device=device, dtype=dtype, batch_size=batch_size, version=version)
 
 

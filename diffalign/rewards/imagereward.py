@@ -20,12 +20,17 @@ Computation, as in the reference `score`/`inference_rank`:
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from diffalign.rewards._common import TextCachingScorer, resolve_device, resolve_dtype
+from diffalign.rewards._common import (
+    TextCachingScorer,
+    load_torch_state_dict,
+    resolve_checkpoint_file,
+    resolve_device,
+    resolve_dtype,
+)
 from diffalign.rewards._hf_clip import openai_clip_image_transform
 from diffalign.rewards.base import register_scorer
 
@@ -215,24 +220,6 @@ def _spread_init(model: nn.Module) -> None:
                 p.normal_(0.0, 1.0 / max(p.shape[-1], 1) ** 0.5)
 
 
-def resolve_imagereward_checkpoint(checkpoint) -> Path:
-    if checkpoint is None:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(IMAGEREWARD_REPO, IMAGEREWARD_FILE))
-    path = Path(checkpoint).expanduser()
-    if path.is_dir():
-        path = path / IMAGEREWARD_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"ImageReward checkpoint not found: {path}")
-    return path
-
-
-def load_reference_checkpoint(path) -> dict[str, torch.Tensor]:
-    sd = torch.load(path, map_location="cpu", weights_only=True)  # third-party file: tensors only
-    return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
-
-
 @register_scorer("imagereward")
 def build_imagereward(
     checkpoint=None,
@@ -259,5 +246,6 @@ def build_imagereward(
     if tiny and checkpoint is None:
         _spread_init(model)
     else:
-        model.load_reference_state_dict(load_reference_checkpoint(resolve_imagereward_checkpoint(checkpoint)))
+        path = resolve_checkpoint_file(checkpoint, IMAGEREWARD_REPO, IMAGEREWARD_FILE, "ImageReward")
+        model.load_reference_state_dict(load_torch_state_dict(path))
     return ImageRewardScorer(model.eval(), tok, device=device, dtype=dtype, batch_size=batch_size)
