@@ -89,6 +89,7 @@ class TrainSection(_Section):
 
 class LoggingConfig(_Section):
     every: int = pydantic.Field(10, ge=1)
+    progress: bool = True  # the training progress bar (main process only)
     tensorboard: bool = True
     wandb: bool = False
 

@@ -74,7 +74,8 @@ def export_final(trainer, metrics: dict) -> Path:
         pipe_cls.save_lora_weights(str(out), unet_lora_layers=layers, safe_serialization=True)
         what = "LoRA adapter (diffusers format): `pipe.load_lora_weights(this_folder)`"
     else:
-        unet = unet.to(torch.float32)
+        if unet.dtype != torch.float32:  # diffusers warns on any dtype cast, even a no-op one
+            unet = unet.to(torch.float32)
         bb.save_pretrained(out, unet)
         if bb.family == "pixel":
             what = ("pixel-space model (unet/, text_encoder/, tokenizer/, scheduler/; no VAE): "

@@ -50,7 +50,7 @@ class FrozenCopyReference(Reference):
 
     def __init__(self, denoiser: nn.Module, dtype: torch.dtype | None = None):
         self.model = copy.deepcopy(denoiser).requires_grad_(False).eval()
-        if dtype is not None:
+        if dtype is not None and next(self.model.parameters()).dtype != dtype:  # diffusers warns on any cast
             self.model.to(dtype)
 
     def to(self, device) -> FrozenCopyReference:

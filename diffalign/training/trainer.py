@@ -316,8 +316,8 @@ class Trainer:
 
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not acc.is_local_main_process,
-                   desc="train", dynamic_ncols=True)
+        bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=not (acc.is_local_main_process and cfg.logging.progress))
         batches = iter(self._loader())
         window: dict[str, list[float]] = {}
         last: dict[str, float] = {}
@@ -341,7 +341,8 @@ class Trainer:
             if self.step % cfg.logging.every == 0 or self.step == cfg.train.max_steps:
                 last = self._log(window, t0)
                 window = {}
-                bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}", acc=f"{last.get('implicit_acc', float('nan')):.2f}")
+                bar.set_postfix({"loss": f"{last.get('loss', float('nan')):.4f}"}
+                                | ({"acc": f"{last['implicit_acc']:.2f}"} if "implicit_acc" in last else {}))
             if cfg.validation.every and self.step % cfg.validation.every == 0:
                 self.validate()
             if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.max_steps:
