@@ -35,22 +35,22 @@ from pathlib import Path
 import numpy as np
 
 #: bump when the recipe's meaning changes without its fields changing (invalidates cached bases)
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 #: render seeds of the SFT data start here; disjoint from Syn-Pic's and the eval suite's sampling seeds
 SFT_DATA_SEED_BASE = 50_000_000
 
 
 @dataclass(frozen=True)
 class BaseRecipe:
-    width: int = 16  # UNet block_out_channels (w, 2w, 2w)
+    width: int = 16  # UNet block_out_channels (w, 2w, 4w)
     size: int = 16  # image side
-    steps: int = 600  # optimizer steps
+    steps: int = 1000  # optimizer steps
     batch_size: int = 64
     lr: float = 3e-3
     lr_schedule: str = "linear"  # warmup, then linear decay to 0: the most quality for a short run
     warmup_steps: int = 50
     ema_decay: float = 0.99
-    prediction_type: str = "epsilon"  # the denoiser's target: epsilon | sample (x0) | v_prediction
+    prediction_type: str = "sample"  # the denoiser's target: sample (x0) | epsilon | v_prediction
     corrupt_p: float = 0.35  # share of captions with a wrong colour or shape
     caption_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
     images: int = 9600  # rendered (image, caption) rows; steps x batch_size / images = epochs
@@ -162,16 +162,19 @@ def reset_accelerate() -> None:
     PartialState._reset_state()
 
 
-def train(config: dict) -> dict:
+def train(config: dict, progress: bool = True) -> dict:
     """Run the real Trainer on a config dict in this process; returns its last logged metrics."""
     from diffalign.config import load_config
     from diffalign.training.trainer import Trainer
 
     reset_accelerate()
-    return Trainer(load_config(config)).train()
+    cfg = load_config(config)
+    cfg.logging.progress = cfg.logging.progress and progress
+    return Trainer(cfg).train()
 
 
-def ensure_base(recipe: BaseRecipe = BaseRecipe(), root: str | Path | None = None, log=print) -> Path:
+def ensure_base(recipe: BaseRecipe = BaseRecipe(), root: str | Path | None = None, log=print,
+                progress: bool = True) -> Path:
     """The base model folder for `recipe`: from the cache, or trained now (and cached)."""
     final = base_dir(recipe, root)
     model = final / "train" / "final"
@@ -183,7 +186,7 @@ def ensure_base(recipe: BaseRecipe = BaseRecipe(), root: str | Path | None = Non
     work = final.with_name(final.name + ".tmp")
     shutil.rmtree(work, ignore_errors=True)
     init, data = write_inputs(work, recipe)
-    train(train_config(recipe, init, data, work / "train"))
+    train(train_config(recipe, init, data, work / "train"), progress=progress)
     shutil.rmtree(work / "train" / "checkpoints", ignore_errors=True)  # optimizer state: not needed
     shutil.rmtree(final, ignore_errors=True)
     work.rename(final)
