@@ -17,6 +17,8 @@ def test_demo_quick_runs_every_stage(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "diffalign", "demo", "--quick", "--out", str(out), "--no-progress"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "it/s" not in proc.stderr and "train:" not in proc.stderr, proc.stderr[-2000:]  # --no-progress: no bars
+    assert "kept in float32" not in proc.stderr  # no spurious diffusers warning from no-op dtype casts
     for f in ("results.md", "results.json", "index.html", "grid.png", "bars.png", "eval/report.html",
               "base/model_index.json", "synpic/data/shard-00000.parquet"):  # fmt: skip
         assert (out / f).is_file(), f

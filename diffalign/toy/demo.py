@@ -9,8 +9,9 @@
 5. report: OUT/results.md (before/after table), OUT/grid.png, OUT/bars.png, OUT/index.html, plus the
    evaluation's own OUT/eval/report.html.
 
-Nothing is tuned to make a method look good: if a method hurts, the table shows it, and the page explains
-plain DPO's failure here (likelihood displacement: the logged winner drift is positive) and the fix.
+Nothing is tuned to make a method look good: if a method hurts, the table shows it. The page reads plain
+DPO's logged winner drift: when it is positive (likelihood displacement, which the prototype of this world
+hit) it explains the failure and the fix, the winner-likelihood term; otherwise it says so.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def run_demo(recipe: DemoRecipe, out: str | Path = DEFAULT_OUT, progress: bool =
 
     _stage(log, "1/5 base model", t0)
     t = time.time()
-    cached = ensure_base(recipe.base, log=log)
+    cached = ensure_base(recipe.base, log=log, progress=progress)
     shutil.rmtree(p["base"], ignore_errors=True)
     shutil.copytree(cached, p["base"])
     seconds["base"] = time.time() - t
@@ -87,7 +88,7 @@ def run_demo(recipe: DemoRecipe, out: str | Path = DEFAULT_OUT, progress: bool =
         t = time.time()
         cfg = align_config(name, out, recipe)
         shutil.rmtree(cfg["output_dir"], ignore_errors=True)
-        train(cfg)
+        train(cfg, progress=progress)
         seconds[name] = time.time() - t
         trained[name] = Path(cfg["output_dir"])
 
@@ -220,11 +221,12 @@ def dpo_story(results: dict) -> str:
                     f"<i>both</i> images less likely, as long as the loser gets worse faster. That is what the log "
                     f"shows: the winner's drift (policy minus reference denoising error) ended at {dw:+.2e} "
                     f"&gt; 0 and the loser's at {dl:+.2e}. So the model learned to denoise preferred images worse "
-                    f"than before. Under strong classifier-free guidance (CFG {results['recipe']['guidance']:g}) "
-                    f"this degradation shows up in the samples.</p>")  # fmt: skip
+                    f"than before; the prototype of this world found that this shows up in the samples, "
+                    f"worst under strong classifier-free guidance.</p>")  # fmt: skip
             else:
                 parts.append(f"<p>The winner's drift ended at {dw:+.2e} (loser {dl:+.2e}): in this run the "
-                             "preferred images did not become less likely.</p>")  # fmt: skip
+                             "preferred images did not become less likely. They did at a 3x higher learning rate, "
+                             "and the gain shrank (docs/demo.md).</p>")  # fmt: skip
     fix = models.get("dpo_winner")
     if fix:
         acc, tr, mc = fix["scores"][CORRECT]["mean"], fix["train"], fix["mcnemar"] or {}
@@ -233,7 +235,7 @@ def dpo_story(results: dict) -> str:
             f"<p><b>The fix: a winner-likelihood term.</b> <code>objective.winner_weight: {w:g}</code> adds "
             f"{w:g} x mean(e<sub>w</sub>), an SFT term on the preferred image (RPO-style), to the DPO loss. It "
             f"pins the preferred image's likelihood, so the margin must be won by pushing the loser away. "
-            f"The weight must make its gradient comparable to DPO's (a weight of 1 does nothing here). "
+            f"The weight must make its gradient comparable to DPO's (in the prototype of this world a weight of 1 did nothing). "
             f"Result: accuracy {acc:.3f} vs base {base:.3f} (McNemar p = {_p(mc.get('p_value'))}); "
             f"final winner drift {_num(tr.get('drift_w'), '{:+.2e}')}.</p>")  # fmt: skip
     return "\n".join(parts)
@@ -357,6 +359,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"diffalign demo: unknown method(s) {unknown}; choose from {', '.join(METHODS)}", file=sys.stderr)
             return 2
         recipe = replace(recipe, methods=chosen)
+    if args.no_progress:  # also the weight loading / saving bars of diffusers and transformers
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
     results = run_demo(recipe, args.out, progress=not args.no_progress)
     out = Path(args.out)
     print()

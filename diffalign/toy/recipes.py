@@ -6,16 +6,17 @@ OUT/configs/ and runs them; `configs/toy_*.yaml` in the repository are the same 
 `--out runs/demo` (regenerate with `python -m diffalign.toy.recipes --write configs`; a test checks they
 match), so any step can be rerun by hand after a demo, e.g. `diffalign train configs/toy_dpo.yaml`.
 
-Alignment (all full fine-tuning of the base, frozen-copy reference where the method needs one, batch 16
-items, the same seed, data and noise for every method):
+Alignment (all full fine-tuning of the base, frozen-copy reference where the method needs one, 32 images
+per step (16 pairs or 8 lists of 4), 200 steps, lr 1e-4, the same seed and data for every method). The lr was measured: at 1e-5
+nothing moved significantly, at 3e-4 DPO showed likelihood displacement and lost its gain (docs/demo.md).
 - dpo: Diffusion-DPO on (best, worst) pairs of each Syn-Pic group, beta 2000 (diffalign's convention,
-  objectives/base.py), lr 1e-5;
+  objectives/base.py);
 - dpo_winner: the same plus winner_weight 500 x mean(e_w), an SFT term on the preferred image (RPO-style).
   Its gradient must be comparable to the DPO term's: the prototype (docs/toyworld.md) found weight 1 had
-  no effect and 500 fixed the likelihood displacement plain DPO suffers here;
-- mapo: MaPO's paper formula (beta 0.1), reference-free, lr 1e-5;
-- rankdpo: RankDPO on the full k = 4 ranked lists (DCG-weighted pairwise DPO), beta 2000, lr 1e-5;
-- sft_winners: supervised fine-tuning on the best image of each pair, lr 1e-4.
+  no effect and 500 fixed the likelihood displacement plain DPO suffered there;
+- mapo: MaPO's paper formula (beta 0.1), reference-free;
+- rankdpo: RankDPO on the full k = 4 ranked lists (DCG-weighted pairwise DPO), beta 2000;
+- sft_winners: supervised fine-tuning on the best image of each pair.
 """
 
 from __future__ import annotations
@@ -45,12 +46,12 @@ class Method:
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("dpo", "DPO", {"name": "dpo", "beta": 2000.0}, 1e-5,
+        Method("dpo", "DPO", {"name": "dpo", "beta": 2000.0}, 1e-4,
                note="plain Diffusion-DPO"),
-        Method("dpo_winner", "DPO + winner term", {"name": "dpo", "beta": 2000.0, "winner_weight": 500.0}, 1e-5,
+        Method("dpo_winner", "DPO + winner term", {"name": "dpo", "beta": 2000.0, "winner_weight": 500.0}, 1e-4,
                note="DPO plus 500 x mean(e_w), which keeps the preferred image likely"),
-        Method("mapo", "MaPO", {"name": "mapo"}, 1e-5, note="reference-free, paper formula"),
-        Method("rankdpo", "RankDPO", {"name": "rankdpo", "beta": 2000.0}, 1e-5, pairs=False,
+        Method("mapo", "MaPO", {"name": "mapo"}, 1e-4, note="reference-free, paper formula"),
+        Method("rankdpo", "RankDPO", {"name": "rankdpo", "beta": 2000.0}, 1e-4, pairs=False,
                note="k = 4 ranked lists, DCG-weighted"),
         Method("sft_winners", "SFT on winners", {"name": "sft"}, 1e-4, note="the best image of each group"),
     )
@@ -64,18 +65,18 @@ class DemoRecipe:
     base: BaseRecipe = field(default_factory=BaseRecipe)
     groups_per_prompt: int = 8  # Syn-Pic rows per prompt
     k: int = 4  # images per Syn-Pic row
-    sample_steps: int = 20  # DDIM steps for the data and the evaluation
-    guidance: float = 5.0
+    sample_steps: int = 10  # DDIM steps for the data and the evaluation
+    guidance: float = 1.0  # no classifier-free guidance: the x0-predicting base is measured at 1 (docs/demo.md)
     align_steps: int = 200
-    align_batch: int = 16
-    eval_images_per_prompt: int = 16
+    align_images: int = 32  # images per step: 16 pairs, or 8 ranked lists of k = 4 (RankDPO)
+    eval_images_per_prompt: int = 32
     methods: tuple[str, ...] = tuple(METHODS)
 
 
 #: `diffalign demo --quick`: a smoke run of every stage in seconds (numbers mean nothing)
 QUICK = DemoRecipe(
     base=BaseRecipe(width=8, steps=4, batch_size=8, warmup_steps=0, images=64),
-    groups_per_prompt=1, k=2, sample_steps=2, align_steps=2, align_batch=2, eval_images_per_prompt=2,
+    groups_per_prompt=1, k=2, sample_steps=2, align_steps=2, align_images=4, eval_images_per_prompt=2,
 )  # fmt: skip
 
 
@@ -116,7 +117,7 @@ def align_config(method: str, out: str | Path, r: DemoRecipe = DemoRecipe()) -> 
         "data": {"format": "ranked", "source": p["data"], "resolution": r.base.size, "ranked_as_pairs": m.pairs},
         "objective": dict(m.objective),
         "optim": {"lr": m.lr},
-        "train": {"batch_size": r.align_batch, "max_steps": r.align_steps, "seed": 0},
+        "train": {"batch_size": r.align_images // (2 if m.pairs else r.k), "max_steps": r.align_steps, "seed": 0},
         "logging": {"every": max(1, min(10, r.align_steps)), "tensorboard": False},
         "checkpoint": {"every": r.align_steps, "keep": 1},
         "output_dir": f"{p['train']}/{method}",
@@ -180,6 +181,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     raise SystemExit(main())
 
-
-#: the CI end-to-end test (tests/test_demo_e2e.py): the default base and protocol, one method
-CI = DemoRecipe(methods=("sft_winners",))
