@@ -2,7 +2,7 @@
 
 1. base: the cached toy base model (diffalign.toy.base), trained by the real trainer on first use;
 2. data: toy Syn-Pic (`diffalign synpic` code: the base sampled k times per prompt, ranked by the toy reward);
-3. align: DPO, DPO + winner-likelihood term, MaPO, RankDPO and SFT on winners, each a `diffalign train`
+3. align: DPO, DPO + winner-likelihood term, MaPO, RankDPO, DCPO and SFT on winners, each a `diffalign train`
    config written to OUT/configs/ (recipes: diffalign/toy/recipes.py) and run by the real Trainer;
 4. evaluate: every model and the base on the toyworld suite (`diffalign eval` code), paired on the same
    prompts and seeds, with an exact McNemar test of each method against the base;
@@ -81,6 +81,11 @@ def run_demo(recipe: DemoRecipe, out: str | Path = DEFAULT_OUT, progress: bool =
     syn = run_synpic(scfg, overwrite=True, progress=progress)
     seconds["synpic"] = time.time() - t
     log(f"{syn['rows']} rows x {syn['run']['k']} images in {seconds['synpic']:.0f} s")
+    if any(METHODS[m].data == "dual_captions" for m in recipe.methods):
+        from diffalign.toy.dual_captions import write_dual_caption_data
+
+        counts = write_dual_caption_data(p["data"], p["dual_captions"], recipe.base.size)
+        log(f"DCPO pairs, each image captioned by what it shows: {counts}")
 
     trained = {}
     for i, name in enumerate(recipe.methods, 1):

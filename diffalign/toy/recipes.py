@@ -7,8 +7,9 @@ OUT/configs/ and runs them; `configs/toy_*.yaml` in the repository are the same 
 match), so any step can be rerun by hand after a demo, e.g. `diffalign train configs/toy_dpo.yaml`.
 
 Alignment (all full fine-tuning of the base, frozen-copy reference where the method needs one, 32 images
-per step (16 pairs or 8 lists of 4), 200 steps, lr 1e-4, the same seed and data for every method). The lr was measured: at 1e-5
-nothing moved significantly, at 3e-4 DPO showed likelihood displacement and lost its gain (docs/demo.md).
+per step (16 pairs or 8 lists of 4), 200 steps, lr 1e-4, the same seed and data for every method). The lr
+was measured: at 1e-5 nothing moved significantly, at 3e-4 DPO showed likelihood displacement and lost its
+gain (docs/demo.md).
 - dpo: Diffusion-DPO on (best, worst) pairs of each Syn-Pic group, beta 2000 (diffalign's convention,
   objectives/base.py);
 - dpo_winner: the same plus winner_weight 500 x mean(e_w), an SFT term on the preferred image (RPO-style).
@@ -16,6 +17,9 @@ nothing moved significantly, at 3e-4 DPO showed likelihood displacement and lost
   no effect and 500 fixed the likelihood displacement plain DPO suffered there;
 - mapo: MaPO's paper formula (beta 0.1), reference-free;
 - rankdpo: RankDPO on the full k = 4 ranked lists (DCG-weighted pairwise DPO), beta 2000;
+- dcpo: DCPO on the same pairs as dpo, each image captioned by what the toy reward reads in it
+  (diffalign/toy/dual_captions.py), beta 2000 like dpo so that the captions are the only difference (DCPO's
+  own default, 500, was tuned for SD 2.1 next to DPO's 5000);
 - sft_winners: supervised fine-tuning on the best image of each pair.
 """
 
@@ -39,7 +43,7 @@ class Method:
     label: str  # for tables and plots
     objective: dict
     lr: float
-    pairs: bool = True  # (best, worst) pairs; False: the full ranked list
+    data: str = "pairs"  # pairs: (best, worst) of each row; lists: the full ranked list; dual_captions: DCPO pairs
     note: str = ""
 
 
@@ -51,8 +55,10 @@ METHODS: dict[str, Method] = {
         Method("dpo_winner", "DPO + winner term", {"name": "dpo", "beta": 2000.0, "winner_weight": 500.0}, 1e-4,
                note="DPO plus 500 x mean(e_w), which keeps the preferred image likely"),
         Method("mapo", "MaPO", {"name": "mapo"}, 1e-4, note="reference-free, paper formula"),
-        Method("rankdpo", "RankDPO", {"name": "rankdpo", "beta": 2000.0}, 1e-4, pairs=False,
+        Method("rankdpo", "RankDPO", {"name": "rankdpo", "beta": 2000.0}, 1e-4, data="lists",
                note="k = 4 ranked lists, DCG-weighted"),
+        Method("dcpo", "DCPO", {"name": "dcpo", "beta": 2000.0}, 1e-4, data="dual_captions",
+               note="DPO pairs, each image captioned by what it shows (DCPO-c, exact captioner)"),
         Method("sft_winners", "SFT on winners", {"name": "sft"}, 1e-4, note="the best image of each group"),
     )
 }  # fmt: skip
@@ -79,6 +85,10 @@ QUICK = DemoRecipe(
     groups_per_prompt=1, k=2, sample_steps=2, align_steps=2, align_images=4, eval_images_per_prompt=2,
 )  # fmt: skip
 
+#: the CI end-to-end test (tests/test_demo_e2e.py): the default base, data and protocol, and the two methods
+#: that gained most in the measured runs (docs/demo.md)
+CI = DemoRecipe(methods=("mapo", "dpo_winner"))
+
 
 def paths(out: str | Path) -> dict[str, str]:
     out = str(out).rstrip("/")
@@ -86,6 +96,7 @@ def paths(out: str | Path) -> dict[str, str]:
         "base": f"{out}/base",
         "synpic": f"{out}/synpic",
         "data": f"{out}/synpic/data",
+        "dual_captions": f"{out}/synpic/dual_captions.parquet",
         "train": f"{out}/train",
         "eval": f"{out}/eval",
         "configs": f"{out}/configs",
@@ -109,15 +120,22 @@ def synpic_config(out: str | Path, r: DemoRecipe = DemoRecipe()) -> dict:
     }
 
 
+def _align_data(m: Method, p: dict[str, str], r: DemoRecipe) -> dict:
+    if m.data == "dual_captions":
+        return {"format": "double_caption", "source": p["dual_captions"], "resolution": r.base.size}
+    return {"format": "ranked", "source": p["data"], "resolution": r.base.size, "ranked_as_pairs": m.data == "pairs"}
+
+
 def align_config(method: str, out: str | Path, r: DemoRecipe = DemoRecipe()) -> dict:
     m = METHODS[method]
     p = paths(out)
     return {
         "model": {"pretrained": p["base"]},
-        "data": {"format": "ranked", "source": p["data"], "resolution": r.base.size, "ranked_as_pairs": m.pairs},
+        "data": _align_data(m, p, r),
         "objective": dict(m.objective),
         "optim": {"lr": m.lr},
-        "train": {"batch_size": r.align_images // (2 if m.pairs else r.k), "max_steps": r.align_steps, "seed": 0},
+        "train": {"batch_size": r.align_images // (r.k if m.data == "lists" else 2), "max_steps": r.align_steps,
+                  "seed": 0},  # fmt: skip
         "logging": {"every": max(1, min(10, r.align_steps)), "tensorboard": False},
         "checkpoint": {"every": r.align_steps, "keep": 1},
         "output_dir": f"{p['train']}/{method}",
