@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -43,7 +44,9 @@ class Method:
     label: str  # for tables and plots
     objective: dict
     lr: float
-    data: str = "pairs"  # pairs: (best, worst) of each row; lists: the full ranked list; dual_captions: DCPO pairs
+    #: pairs: (best, worst) of each Syn-Pic row; lists: the full ranked list; dual_captions: those pairs, one
+    #: caption per image (diffalign.toy.dual_captions)
+    data: Literal["pairs", "lists", "dual_captions"] = "pairs"
     note: str = ""
 
 
