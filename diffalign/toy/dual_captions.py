@@ -21,9 +21,9 @@ from pathlib import Path
 
 def read_caption(pred_colour: str, pred_shape: str) -> str | None:
     """What the image shows, as a toy-grammar caption; None when the reward found no object ("")."""
-    if not pred_colour or not pred_shape:
-        return None
-    return f"a {pred_colour} {pred_shape}"
+    from diffalign.toy.world import phrase
+
+    return phrase(pred_colour, pred_shape) if pred_colour and pred_shape else None
 
 
 def write_dual_caption_data(ranked_source: str | Path, path: str | Path, resolution: int) -> dict[str, int]:

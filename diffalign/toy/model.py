@@ -1,7 +1,7 @@
 """The toy world's pixel-space denoiser, its noise schedule, and a self-contained sampler.
 
 The denoiser is a diffusers `UNet2DConditionModel` on RGB pixels in [-1, 1] (3 -> 3 channels, no VAE):
-block_out_channels (w, 2w, 4w) with w = 16 by default (0.97 M parameters), one layer per block,
+block_out_channels (w, 2w, 4w) with w = 16 by default (0.98 M parameters), one layer per block,
 Down / Down / CrossAttnDown (cross-attention only at 4x4 and in the mid block), attention_head_dim 8,
 cross_attention_dim 32 (the toy text encoder's width), norm_num_groups 8, and the prompt also pooled into
 the timestep embedding (`addition_embed_type="text"`). It predicts the clean image (x0, "sample") on a

@@ -5,9 +5,9 @@ memory from the grammar's words (`world.vocabulary()`), so every grammar word is
 (e.g. "a red circle" -> [bos, a, red, circle, eos, pad...]); any other word falls back to characters.
 The encoder is a randomly initialised `CLIPTextModel` (hidden 32, 2 layers, 4 heads) with a fixed seed:
 it is never trained, the denoiser learns to read its features. Same seed -> same weights, in any process.
-Its token embeddings are drawn with std `TOKEN_EMBED_STD` = 1 instead of CLIP's 0.02, so each position's
-output is dominated by its own token: with CLIP's init, "a red circle" and "a blue circle" encoded to
-vectors with cosine similarity ~0.94 at every position, and the denoiser was slow to tell them apart.
+Its token embeddings are drawn with std `TOKEN_EMBED_STD` = 1 instead of CLIP's 0.02: with CLIP's init,
+"a red circle" and "a blue circle" encoded to vectors with cosine similarity ~0.94 at every position, and
+the denoiser was slow to tell them apart.
 """
 
 from __future__ import annotations

@@ -62,14 +62,19 @@ def plural(shape: str) -> str:
     return shape + "s"
 
 
+def phrase(colour: str, shape: str) -> str:
+    """One object in the grammar: "a red circle"."""
+    return f"a {colour} {shape}"
+
+
 def all_prompts() -> list[str]:
     """The 18 single-object prompts of the default world, colour-major order."""
-    return [f"a {c} {s}" for c in COLOURS for s in SHAPES]
+    return [phrase(c, s) for c in COLOURS for s in SHAPES]
 
 
 def prompt_for(scene: Scene) -> str:
     """The caption of a scene: "a red circle", or "a red circle and a blue square"."""
-    return " and ".join(f"a {o.colour} {o.shape}" for o in scene.objects)
+    return " and ".join(phrase(o.colour, o.shape) for o in scene.objects)
 
 
 def parse_prompt(prompt: str) -> list[tuple[str, str]]:
@@ -182,7 +187,7 @@ def corrupt_caption(prompt: str, rng: np.random.Generator, p: float) -> str:
         others = [s for s in SHAPES if s != shape]
         shape = others[int(rng.integers(len(others)))]
     objs[i] = (colour, shape)
-    return " and ".join(f"a {c} {s}" for c, s in objs)
+    return " and ".join(phrase(c, s) for c, s in objs)
 
 
 def render_batch(prompts: Sequence[str], seeds: Sequence[int], size: int = DEFAULT_SIZE) -> np.ndarray:
