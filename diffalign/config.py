@@ -7,6 +7,7 @@ Every section lives here except `data`, which lives beside the data code (diffal
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,9 +26,10 @@ class _Section(pydantic.BaseModel):
 
 
 class ModelConfig(_Section):
-    #: hub id, local diffusers folder, or tiny:sd / tiny:sdxl (tiny random models built in code)
+    #: hub id, local diffusers folder, or tiny:<family> (tiny random models built in code)
     pretrained: str
-    family: Literal["auto", "sd", "sdxl", "pixel"] = "auto"
+    #: auto: the family model_index.json's `_class_name` names (diffalign/backbones/registry.py)
+    family: str = "auto"
     revision: str | None = None
     variant: str | None = None
     #: a separate VAE, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL under fp16
@@ -41,19 +43,57 @@ class ModelConfig(_Section):
 class LoraConfig(_Section):
     rank: int = pydantic.Field(8, ge=1)
     alpha: float | None = None  # None: alpha = rank, as the diffusers DPO scripts set it
-    target_modules: list[str] = ["to_k", "to_q", "to_v", "to_out.0"]
+    #: None: the backbone's (the attention projections; for MMDiT also the context projections)
+    target_modules: list[str] | None = None
     init: Literal["gaussian", "default"] = "gaussian"
     dropout: float = pydantic.Field(0.0, ge=0.0, lt=1.0)
 
 
 class ObjectiveConfig(_Section):
-    """`name` picks the objective; other keys are its hyper-parameters (see diffalign/objectives)."""
+    """`name` picks the objective; other keys are its hyper-parameters, validated against the objective's
+    typed parameters (diffalign/objectives) when the config loads. After validation every parameter is
+    present, defaults included, so the saved config.yaml says what ran."""
 
-    model_config = pydantic.ConfigDict(extra="allow")
+    model_config = pydantic.ConfigDict(extra="allow", validate_assignment=False)
     name: str
+
+    @pydantic.model_validator(mode="after")
+    def _typed(self) -> ObjectiveConfig:
+        from diffalign.objectives import get_objective
+
+        try:
+            obj = get_objective(self.name)
+        except KeyError as err:
+            raise ValueError(str(err.args[0])) from None
+        given = dict(self.model_extra or {})
+        try:
+            typed = obj.validate(given)
+        except pydantic.ValidationError as err:
+            raise ValueError(_objective_errors(obj, err)) from None
+        self.__pydantic_extra__ = typed.model_dump()
+        return self
 
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+
+def _objective_errors(obj, err: pydantic.ValidationError) -> str:
+    valid = list(obj.params.model_fields)
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            lines.append(f"objective {obj.name!r} has no parameter {key!r}.{hint} Valid: {valid}")
+        else:
+            hint = ""
+            if e["type"] == "literal_error":
+                choices = [str(c) for c in typing.get_args(obj.params.model_fields[key].annotation)]
+                close = difflib.get_close_matches(str(e.get("input")), choices, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+            lines.append(f"objective.{key}: {e['msg']} (got {e.get('input')!r}).{hint}")
+    return "; ".join(lines)
 
 
 class OptimConfig(_Section):
@@ -77,7 +117,7 @@ class TrainSection(_Section):
     gradient_checkpointing: bool = False
     attention: Literal["sdpa", "xformers"] = "sdpa"
     seed: int = 0
-    #: where ref energies come from: auto = adapters off for LoRA, a frozen copy for full fine-tuning
+    #: the reference model: auto = adapters off for LoRA, a frozen copy for full fine-tuning
     reference: Literal["auto", "lora_off", "frozen_copy"] = "auto"
     #: stop after this many consecutive steps skipped for a non-finite loss or gradient
     max_nonfinite_steps: int = pydantic.Field(5, ge=1)
@@ -116,6 +156,28 @@ class CacheConfig(_Section):
     dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
 
 
+class SamplerConfig(_Section):
+    """How candidates are sampled during training (generated / rollout experience)."""
+
+    steps: int = pydantic.Field(20, ge=1)
+    guidance: float = pydantic.Field(5.0, ge=0)
+    #: 0: deterministic DDIM / Euler; > 0: DDIM's eta, or the flow SDE's noise level
+    eta: float = pydantic.Field(0.0, ge=0)
+    #: images per sampling batch. 1 makes each sample independent of the batch it is in, so accumulation
+    #: and N processes replay a run bit for bit; larger is faster and equal only up to float rounding
+    batch_size: int = pydantic.Field(1, ge=1)
+
+
+class ExperienceConfig(_Section):
+    """Where each step's candidates come from (diffalign/training/experience.py). auto: the objective's
+    default (offline: the data's)."""
+
+    source: Literal["auto", "offline", "generated"] = "auto"
+    #: generated: which model samples the candidate that is not from the data
+    generator: Literal["reference", "policy"] = "reference"
+    sampler: SamplerConfig = SamplerConfig()
+
+
 class Config(_Section):
     model: ModelConfig
     data: DataConfig
@@ -127,23 +189,28 @@ class Config(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     validation: ValidationConfig = ValidationConfig()
     cache: CacheConfig = CacheConfig()
+    experience: ExperienceConfig = ExperienceConfig()
     output_dir: str = "runs/default"
+
+    def experience_source(self) -> str:
+        """The experience source this run uses (the objective's default when `experience.source` is auto)."""
+        from diffalign.objectives import get_objective
+
+        obj = get_objective(self.objective.name)
+        return obj.experience[0] if self.experience.source == "auto" else self.experience.source
 
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> Config:
         from diffalign.objectives import get_objective
 
-        try:
-            obj = get_objective(self.objective.name)
-        except KeyError as err:
-            raise ValueError(str(err.args[0])) from None
-        unknown = set(self.objective.params()) - {k for k, _ in obj.defaults}
-        if unknown:
-            valid = [k for k, _ in obj.defaults]
-            key = sorted(unknown)[0]
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"objective {obj.name!r} has no parameter {key!r}.{hint} Valid: {valid}")
+        obj = get_objective(self.objective.name)
+        source = self.experience_source()
+        if source not in obj.experience:
+            raise ValueError(f"objective {obj.name!r} learns from {list(obj.experience)} experience, not "
+                             f"experience.source={source!r}")  # fmt: skip
+        if source == "generated" and self.experience.generator == "reference" and not obj.needs_reference:
+            raise ValueError(f"experience.generator=reference: objective {obj.name!r} has no reference model; "
+                             "use experience.generator=policy")  # fmt: skip
         if obj.formats is not None and self.data.format not in obj.formats:
             raise ValueError(f"objective {obj.name!r} needs data.format in {list(obj.formats)}, got {self.data.format!r}")
         if self.train.reference == "lora_off" and self.lora is None:

@@ -78,7 +78,7 @@ def run_plain(cfg, warmup: int, steps: int) -> dict:
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.rank, init_lora_weights="gaussian",
-                                target_modules=cfg.lora.target_modules))
+                                target_modules=cfg.lora.target_modules or bb.lora_target_modules))
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
@@ -107,12 +107,12 @@ def run_plain(cfg, warmup: int, steps: int) -> dict:
                     b["original_size"].flatten(0, 1), b["crop_top_left"].flatten(0, 1), cfg.data.resolution).items()}
             noise = torch.randn_like(lat[::2]).repeat_interleave(2, 0)
             t = torch.randint(0, 1000, (B,), device=device).repeat_interleave(2)
-            noisy = bb.add_noise(lat, noise, t)
+            noisy = bb.process.add_noise(lat, noise, t)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                pred = bb.call_denoiser(unet, noisy, t, cond)
+                pred = bb.predict(unet, noisy, t, cond)
                 with torch.no_grad():
                     unet.disable_adapters()
-                    ref = bb.call_denoiser(unet, noisy, t, cond)
+                    ref = bb.predict(unet, noisy, t, cond)
                     unet.enable_adapters()
             err = F.mse_loss(pred.float(), noise.float(), reduction="none").mean((1, 2, 3)).view(B, 2)
             rerr = F.mse_loss(ref.float(), noise.float(), reduction="none").mean((1, 2, 3)).view(B, 2)

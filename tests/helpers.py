@@ -5,15 +5,6 @@ from __future__ import annotations
 import torch
 
 
-def reset_accelerate() -> None:
-    """accelerate keeps process-wide singletons; tests that build several Accelerators reset them."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
 def tiny_config(tmp_path, **sections) -> dict:
     cfg = {
         "model": {"pretrained": "tiny:sd"},
@@ -35,11 +26,11 @@ def tiny_config(tmp_path, **sections) -> dict:
 
 
 def run(cfg_dict: dict, resume: str | None = None):
-    """Train in-process; returns the trainer (weights, counters, output dir)."""
+    """Train in-process; returns the trainer (weights, counters, output dir). Every in-process run uses
+    mixed_precision "no" (accelerate fixes one per process); other precisions run in a subprocess."""
     from diffalign.config import load_config
     from diffalign.training.trainer import Trainer
 
-    reset_accelerate()
     trainer = Trainer(load_config(cfg_dict), resume=resume)
     trainer.train()
     return trainer
@@ -78,3 +69,39 @@ def crash_then_resume(cfg_dict: dict, crash_at_step: int, monkeypatch):
         run(cfg_dict)
     monkeypatch.setattr(Trainer, "_optimizer_step", original)
     return run(cfg_dict, resume="latest")
+
+
+def launch(cfg_dict: dict, nproc: int, workdir) -> str:
+    """Run `diffalign train` on a config in `nproc` processes with torchrun (a real gloo DDP group on CPU;
+    accelerate's `launch --cpu` would start one process). Returns stdout; fails the test with the failing
+    rank's own traceback."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    path = Path(workdir) / f"{Path(cfg_dict['output_dir']).name}-{nproc}.yaml"
+    path.write_text(yaml.safe_dump(cfg_dict))
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "diffalign", "train", str(path)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        tracebacks = [p for p in proc.stderr.split("Traceback") if "torch/distributed/run.py" not in p]
+        pytest.fail(f"{nproc} processes: exit {proc.returncode}\n"
+                    + ("Traceback" + tracebacks[-1] if tracebacks else proc.stderr)[-4000:])  # fmt: skip
+    assert f"x {nproc} processes" in proc.stdout, proc.stdout[-2000:]
+    return proc.stdout
+
+
+def logged(cfg_dict: dict) -> list[dict]:
+    """The metrics.jsonl lines of a run."""
+    import json
+    from pathlib import Path
+
+    path = Path(cfg_dict["output_dir"]) / "logs" / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]

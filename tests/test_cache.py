@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.helpers import assert_states_close, reset_accelerate, run, tiny_config, trainable_state
+from tests.helpers import assert_states_close, run, tiny_config, trainable_state
 
 
 def _logged(trainer) -> list[dict]:
@@ -25,7 +25,6 @@ def test_cached_training_equals_uncached(tmp_path, family):
                   data={"caption_dropout": 0.5, "random_flip": True})
     plain = run(tiny_config(tmp_path / "plain", **common))
     cfg = tiny_config(tmp_path / "cached", cache={"enabled": True, "dtype": "fp32"}, **common)
-    reset_accelerate()
     build_cache(load_config(cfg), device="cpu")
     cached = run(cfg)
     assert cached.dataset.__class__.__name__ == "CachedPreferenceDataset"
@@ -44,7 +43,6 @@ def test_cache_with_wrong_flips_would_be_caught(tmp_path, monkeypatch):
     common = dict(train={"max_steps": 2, "batch_size": 4}, data={"random_flip": True})
     plain = run(tiny_config(tmp_path / "plain", **common))
     cfg = tiny_config(tmp_path / "cached", cache={"enabled": True, "dtype": "fp32"}, **common)
-    reset_accelerate()
     build_cache(load_config(cfg), device="cpu")
     real = cache_mod.item_draws
     monkeypatch.setattr(cache_mod, "item_draws", lambda *a: (real(*a)[0], False, real(*a)[2]))
@@ -77,18 +75,34 @@ def test_missing_cache_and_random_crop_are_clear_errors(tmp_path):
         build_cache(load_config(tiny_config(tmp_path / "b", data={"random_crop": True})), device="cpu")
 
 
+_BF16_CHECK = """
+import json, sys, torch
+from diffalign.config import load_config
+from diffalign.data.cache import build_cache
+from diffalign.training.trainer import Trainer
+cfg = load_config(json.loads(sys.argv[1]))
+build_cache(cfg, device="cpu")
+trainer = Trainer(cfg)
+trainer.train()
+item = trainer.dataset[0]
+fresh = trainer.backbone.encode_text(item["captions"])["prompt_embeds"]
+assert fresh.dtype == torch.bfloat16, fresh.dtype
+torch.testing.assert_close(item["cond"]["prompt_embeds"].to(fresh.dtype), fresh, atol=1e-2, rtol=1e-2)
+print("OK")
+"""
+
+
 def test_cache_under_mixed_precision_matches_training_placement(tmp_path):
     """The cache encodes with the text encoders at training precision (bf16 here), so it is accepted and
-    its conditioning equals what training from pixels would compute."""
-    import torch
+    its conditioning equals what training from pixels would compute. (Its own process: accelerate fixes
+    one mixed precision per process.)"""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    from diffalign.config import load_config
-    from diffalign.data.cache import build_cache
-
+    root = Path(__file__).resolve().parents[1]
     cfg = tiny_config(tmp_path, train={"mixed_precision": "bf16", "max_steps": 1}, cache={"enabled": True})
-    build_cache(load_config(cfg), device="cpu")
-    trainer = run(cfg)
-    item = trainer.dataset[0]
-    fresh = trainer.backbone.encode_text(item["captions"])["prompt_embeds"]
-    assert fresh.dtype == torch.bfloat16
-    torch.testing.assert_close(item["cond"]["prompt_embeds"].to(fresh.dtype), fresh, atol=1e-2, rtol=1e-2)
+    proc = subprocess.run([sys.executable, "-c", _BF16_CHECK, json.dumps(cfg)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

@@ -50,3 +50,12 @@ def test_inconsistent_choices_are_refused():
         load_config(base, ["lora=null", "train.reference=lora_off"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(ROOT / "configs" / "nope.yaml")
+
+
+def test_recipes_match_their_reference_launchers():
+    """Facts read from the reference code (each was wrong once)."""
+    sdxl = load_config(ROOT / "configs" / "sdxl_dpo_pickapic.yaml")
+    # Salesforce train.py: Adafactor whenever --sdxl, but clipping is skipped only with --use_adafactor
+    assert sdxl.optim.optimizer == "adafactor" and sdxl.optim.max_grad_norm == 1.0
+    # DCPO-T2I dcpo_trainer.py trains every non-SDXL model at 512 (run.sh passes no resolution)
+    assert load_config(ROOT / "configs" / "sd21_dcpo.yaml").data.resolution == 512

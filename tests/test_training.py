@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from tests.helpers import (
     assert_states_close,
     crash_then_resume,
-    reset_accelerate,
+    launch,
+    logged,
     run,
     tiny_config,
     trainable_state,
@@ -35,7 +36,6 @@ def test_training_moves_the_weights_and_logs(tmp_path):
     from diffalign.config import load_config
     from diffalign.training.trainer import Trainer
 
-    reset_accelerate()
     trainer = Trainer(load_config(cfg))
     before = trainable_state(trainer)
     trainer.train()
@@ -146,26 +146,22 @@ def test_sdxl_full_finetune_with_frozen_reference_runs(tmp_path):
 def test_two_processes_match_one_process_with_double_batch(tmp_path):
     one = tiny_config(tmp_path / "one", train={"batch_size": 2, "max_steps": 1})
     two = tiny_config(tmp_path / "two", train={"batch_size": 1, "max_steps": 1})
-    import yaml
-
-    paths = {}
-    for name, cfg in (("one", one), ("two", two)):
-        paths[name] = tmp_path / f"{name}.yaml"
-        paths[name].write_text(yaml.safe_dump(cfg))
-    # accelerate's `launch --cpu` always starts one process; torchrun starts a real 2-process gloo DDP group
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    for name, n in (("one", 1), ("two", 2)):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               "-m", "diffalign", "train", str(paths[name])]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0:  # show the failing rank's own traceback, not only torchrun's summary
-            tracebacks = [p for p in proc.stderr.split("Traceback") if "torch/distributed/run.py" not in p]
-            pytest.fail(f"{name}: exit {proc.returncode}\n" + ("Traceback" + tracebacks[-1] if tracebacks else proc.stderr)[-4000:])
-        assert f"x {n} processes" in proc.stdout, proc.stdout[-2000:]
+    launch(one, 1, tmp_path)
+    launch(two, 2, tmp_path)
     a = load_file(str(Path(one["output_dir"]) / "final" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(Path(two["output_dir"]) / "final" / "pytorch_lora_weights.safetensors"))
     assert_states_close(a, b, atol=1e-6, rtol=0)
     assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k or "lora.up" in k)
+
+
+def test_learning_rate_schedule_does_not_depend_on_the_number_of_processes(tmp_path):
+    """accelerate steps a prepared scheduler once per process per optimizer step; with raw step counts two
+    processes warmed up twice as fast (measured before the fix: 2e-4, 4e-4, 6e-4 instead of 1e-4, 2e-4, 3e-4)."""
+    cfg = tiny_config(tmp_path / "lr", train={"batch_size": 1, "max_steps": 3},
+                      optim={"lr": 1e-3, "scheduler": "linear", "warmup_steps": 10})  # fmt: skip
+    launch(cfg, 2, tmp_path)
+    lrs = [line["lr"] for line in logged(cfg)]
+    assert lrs == pytest.approx([1e-4, 2e-4, 3e-4], rel=1e-6)
 
 
 @pytest.mark.parametrize("recipe", ["tiny_dpo", "tiny_mapo", "tiny_sft", "tiny_dcpo", "tiny_rankdpo"])

@@ -1,36 +1,85 @@
-"""What every backbone provides, and the noising / energy math shared by the DDPM-family backbones.
+"""What every backbone provides: the facts of one model family, nothing about training or losses.
 
-The trainer never touches a model family directly: it asks a backbone to encode text and images, and for
-per-candidate energies (denoising errors) of a batch of items that share noise and timestep.
+A backbone encodes text and images, calls its denoiser (with classifier-free guidance on request),
+decodes, builds micro-conditioning, names its LoRA target modules and export format, and builds its
+diffusers pipeline. How data is noised and how a denoising step goes is its `process`
+(diffalign/backbones/processes.py), chosen from the scheduler config. The trainer and the sampler talk to
+backbones and processes only through these methods.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from diffalign.backbones.processes import NoiseProcess, make_process
+
 Conditioning = dict[str, torch.Tensor]
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+#: LoRA targets of the attention projections (the diffusers DPO scripts' choice)
+ATTENTION_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+
+
+def select_rows(cond: Conditioning, index: torch.Tensor) -> Conditioning:
+    return {k: v[index.to(v.device)] for k, v in cond.items()}
+
+
+def concat(conds: list[Conditioning]) -> Conditioning:
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+@dataclass(frozen=True)
+class Family:
+    """How to find and build one family's backbones (diffalign/backbones/registry.py)."""
+
+    name: str
+    #: model_index.json `_class_name`s that mean this family
+    class_names: tuple[str, ...]
+    #: load(path, revision=, variant=, vae=, prediction_type=) -> Backbone
+    load: Callable[..., Backbone]
+    #: builders by kind ("tiny", "random"): builder(prediction_type=) -> Backbone
+    builders: dict[str, Callable[..., Backbone]] = field(default_factory=dict)
 
 
 class Backbone:
-    """A diffusion model family: text/image encoders, noise schedule, denoiser call and sampling."""
+    """A diffusion model family. Subclasses fill in the family-specific methods."""
 
     family: str = "base"
+    #: the diffusers pipeline class a full export or validation uses
+    pipeline_class_name: str = ""
+    #: where `load_lora_weights` finds the denoiser's adapter in an export (diffusers' prefix)
+    lora_prefix: str = "unet"
 
-    def __init__(self, denoiser: nn.Module, noise_scheduler, prediction_type: str | None = None):
+    def __init__(self, denoiser: nn.Module, noise_scheduler, prediction_type: str | None = None, source: str = "",
+                 **process_options):  # fmt: skip
         self.denoiser = denoiser
         self.noise_scheduler = noise_scheduler
-        self.prediction_type = prediction_type or noise_scheduler.config.prediction_type
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
-        self.num_train_timesteps = int(noise_scheduler.config.num_train_timesteps)
+        self.process: NoiseProcess = make_process(noise_scheduler, prediction_type, **process_options)
+        self.source = source
 
-    # ---- family-specific pieces (subclasses) ----------------------------------------------------
+    @property
+    def prediction_type(self) -> str:
+        return self.process.prediction_type
+
+    @property
+    def lora_target_modules(self) -> list[str]:
+        return list(ATTENTION_LORA_TARGETS)
+
+    # ---- text -----------------------------------------------------------------------------------------
     def encode_text(self, prompts: list[str]) -> Conditioning:
         raise NotImplementedError
 
+    def empty_conditioning(self, n: int) -> Conditioning:
+        """The conditioning of the empty prompt, encoded once and repeated to n rows (classifier-free
+        guidance's unconditional branch)."""
+        one = self.encode_text([""])
+        return {k: v.expand(n, *v.shape[1:]) for k, v in one.items()}
+
+    # ---- images ---------------------------------------------------------------------------------------
     def latent_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixels in [-1, 1] -> (mean, std) of the latent posterior (std 0 for pixel-space models)."""
         raise NotImplementedError
@@ -43,15 +92,43 @@ class Backbone:
         raise NotImplementedError
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> pixels in [-1, 1]."""
+        raise NotImplementedError
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """Shape of one latent for an image of height x width (without the batch dimension)."""
+        raise NotImplementedError
+
+    def default_size(self) -> int:
+        """The image side the model was built for (its pipeline's default height and width)."""
         raise NotImplementedError
 
     def micro_conditioning(self, original_size, crop_top_left, resolution: int) -> Conditioning:
         """Extra per-candidate conditioning from the data (SDXL's size/crop ids); none by default."""
         return {}
 
-    def call_denoiser(self, model: nn.Module, noisy, t, cond: Conditioning):
+    def sampling_conditioning(self, n: int, height: int, width: int) -> Conditioning:
+        """Micro-conditioning for generating n images of height x width (the pipeline's defaults)."""
+        return {}
+
+    # ---- denoiser -------------------------------------------------------------------------------------
+    def predict(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The denoiser's raw output at x_t (what `process.target` is compared with)."""
         raise NotImplementedError
 
+    def guided_prediction(self, model: nn.Module, x: torch.Tensor, t, cond: Conditioning,
+                          uncond: Conditioning | None, guidance: float) -> torch.Tensor:  # fmt: skip
+        """Classifier-free guidance u + g (c - u), both branches in one batch [uncond; cond]; guidance <= 1
+        (or no uncond) is the plain conditional prediction."""
+        if uncond is None or guidance <= 1.0:
+            return self.predict(model, x, t, cond)
+        both = concat([uncond, cond])
+        if torch.is_tensor(t) and t.ndim > 0:
+            t = torch.cat([t, t])
+        pred_u, pred_c = self.predict(model, torch.cat([x, x]), t, both).chunk(2)
+        return pred_u + guidance * (pred_c - pred_u)
+
+    # ---- placement ------------------------------------------------------------------------------------
     def frozen_modules(self) -> dict[str, nn.Module]:
         """Modules that never train (VAE, text encoders), by name, for device/dtype placement."""
         return {}
@@ -66,49 +143,25 @@ class Backbone:
             if next(module.parameters()).dtype != target:
                 module.to(target)
 
-    def save_pretrained(self, path, unet: nn.Module | None = None):
-        """Write a folder that `load_backbone` reads back, with `unet` (default: the denoiser) in it."""
+    # ---- saving and export ----------------------------------------------------------------------------
+    def save_pretrained(self, path, denoiser: nn.Module | None = None) -> Path:
+        """Write a folder that `load_backbone` reads back, with `denoiser` (default: this one) in it."""
         raise NotImplementedError
+
+    def pipeline(self, denoiser: nn.Module | None = None):
+        """A diffusers pipeline over this backbone's components (validation images, export)."""
+        raise NotImplementedError
+
+    def save_lora(self, path, lora_layers: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+        """Write the denoiser's LoRA in diffusers' format, loadable with the pipeline's load_lora_weights."""
+        import diffusers
+
+        cls = getattr(diffusers, self.pipeline_class_name)
+        kwargs = {f"{self.lora_prefix}_lora_layers": lora_layers}
+        if metadata is not None:
+            kwargs[f"{self.lora_prefix}_lora_adapter_metadata"] = metadata
+        cls.save_lora_weights(str(path), safe_serialization=True, **kwargs)
 
     def fingerprint(self) -> dict:
         """What a latent/text cache depends on; a cache made with a different value is refused."""
         raise NotImplementedError
-
-    # ---- shared DDPM math --------------------------------------------------------------------------
-    def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Uniform integer timesteps in [0, T), as every reference Diffusion-DPO script draws them."""
-        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator)
-
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.noise_scheduler.add_noise(x0, noise, t)
-
-    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if self.prediction_type == "epsilon":
-            return noise
-        if self.prediction_type == "v_prediction":
-            return self.noise_scheduler.get_velocity(x0, noise, t)
-        return x0
-
-    def energies(
-        self,
-        model: nn.Module,
-        x0: torch.Tensor,
-        noise: torch.Tensor,
-        t: torch.Tensor,
-        cond: Conditioning,
-    ) -> torch.Tensor:
-        """Per-candidate denoising error, mean over C, H, W.
-
-        x0 [B, K, C, H, W] (latents, or pixels for a pixel-space model); noise [B, C, H, W] and t [B] are
-        shared by the K candidates of an item; cond holds B*K rows in item-major order.
-        Returns [B, K] in float32.
-        """
-        B, K = x0.shape[:2]
-        x0_flat = x0.flatten(0, 1)
-        noise_flat = noise.unsqueeze(1).expand(B, K, *noise.shape[1:]).flatten(0, 1)
-        t_flat = t.to(x0.device).repeat_interleave(K)
-        noisy = self.add_noise(x0_flat, noise_flat, t_flat)
-        target = self.target(x0_flat, noise_flat, t_flat)
-        pred = self.call_denoiser(model, noisy, t_flat, cond)
-        err = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        return err.view(B, K)

@@ -12,7 +12,7 @@ from torch import nn
 from diffalign.backbones.base import Backbone, Conditioning
 
 
-def _module_digest(module: nn.Module | None) -> str:
+def module_digest(module: nn.Module | None) -> str:
     """A cheap identity of a module's weights: its class, every parameter's name and shape, and the bytes
     of a sample of tensors. Config metadata (library versions, paths) is left out on purpose: the same
     weights read from a hub id, a local copy or built in code give the same digest."""
@@ -29,85 +29,85 @@ def _module_digest(module: nn.Module | None) -> str:
     return h.hexdigest()[:16]
 
 
-#: model_index.json `_class_name` of a pixel-space folder (diffusers has no pipeline class for it; the
-#: missing `vae` entry is what makes load_backbone pick the pixel family)
+def tokenize(tokenizer, prompts: list[str], max_length: int | None = None) -> torch.Tensor:
+    return tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=max_length or tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+#: model_index.json `_class_name` of a pixel-space folder (diffusers has no pipeline class for it)
 PIXEL_CLASS_NAME = "DiffalignPixelPipeline"
 
 
 class StableDiffusionBackbone(Backbone):
     family = "sd"
+    pipeline_class_name = "StableDiffusionPipeline"
 
     def __init__(self, unet, noise_scheduler, text_encoder, tokenizer, vae=None, prediction_type=None, source=""):
-        super().__init__(unet, noise_scheduler, prediction_type)
+        super().__init__(unet, noise_scheduler, prediction_type, source)
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.vae = vae
-        self.source = source
-        if vae is None:
-            self.family = "pixel"
 
     # -- text -----------------------------------------------------------------------------------------
-    def _tokenize(self, tokenizer, prompts: list[str]) -> torch.Tensor:
-        return tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> Conditioning:
         device = self.text_encoder.device
-        ids = self._tokenize(self.tokenizer, prompts).to(device)
+        ids = tokenize(self.tokenizer, prompts).to(device)
         return {"prompt_embeds": self.text_encoder(ids)[0]}
 
     # -- images ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def latent_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pixels in [-1, 1] -> the VAE posterior's (mean, std), unscaled. Pixel-space: (pixels, 0)."""
-        if self.vae is None:
-            return pixels, torch.zeros_like(pixels)
+        """Pixels in [-1, 1] -> the VAE posterior's (mean, std), unscaled."""
         dist = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist
         return dist.mean, dist.std
+
+    def _shift(self) -> float:
+        return getattr(self.vae.config, "shift_factor", None) or 0.0
 
     def latents_from_posterior(self, mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:
         """A posterior sample mean + std * eps (the reference DPO scripts take `latent_dist.sample()`),
         shifted and scaled by the VAE's config; eps None gives the mean."""
         x = mean if eps is None else mean + std * eps.to(mean.device, mean.dtype)
-        if self.vae is None:
-            return x
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (x - shift) * self.vae.config.scaling_factor
+        return (x - self._shift()) * self.vae.config.scaling_factor
 
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         mean, std = self.latent_posterior(pixels)
-        eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32) if self.vae is not None else None
+        eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
         return self.latents_from_posterior(mean, std, eps)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        if self.vae is None:
-            return latents
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        latents = latents.to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor + shift
+        latents = latents.to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor + self._shift()
         return self.vae.decode(latents).sample
 
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        s = self.vae_scale()
+        return (self.denoiser.config.in_channels, height // s, width // s)
+
+    def default_size(self) -> int:
+        return self.denoiser.config.sample_size * self.vae_scale()
+
     # -- denoiser -------------------------------------------------------------------------------------
-    def call_denoiser(self, model, noisy, t, cond: Conditioning):
-        return model(noisy, t, encoder_hidden_states=cond["prompt_embeds"], return_dict=False)[0]
+    def predict(self, model, x, t, cond: Conditioning):
+        return model(x, t, encoder_hidden_states=cond["prompt_embeds"], return_dict=False)[0]
 
     def frozen_modules(self) -> dict[str, nn.Module]:
-        mods = {"text_encoder": self.text_encoder}
-        if self.vae is not None:
-            mods["vae"] = self.vae
-        return mods
+        return {"text_encoder": self.text_encoder, "vae": self.vae}
 
     def fingerprint(self) -> dict:
         return {
             "family": self.family,
-            "vae": _module_digest(self.vae),
-            "text_encoders": [_module_digest(m) for m in self._text_encoders()],
+            "vae": module_digest(self.vae),
+            "text_encoders": [module_digest(m) for m in self._text_encoders()],
             "max_length": [t.model_max_length for t in self._tokenizers()],
         }
 
@@ -117,34 +117,68 @@ class StableDiffusionBackbone(Backbone):
     def _tokenizers(self) -> list:
         return [self.tokenizer]
 
-    def pipeline(self, unet: nn.Module | None = None):
-        """A diffusers pipeline over this backbone's components (for validation images and export)."""
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+    def pipeline(self, denoiser: nn.Module | None = None):
+        """A StableDiffusionPipeline over this backbone's components, with the model's own scheduler."""
+        from diffusers import StableDiffusionPipeline
 
-        if self.vae is None:
-            raise NotImplementedError("pixel-space backbones have no diffusers pipeline; sample with diffalign.toy.model.sample")
         return StableDiffusionPipeline(
-            unet=unet or self.denoiser,
+            unet=denoiser if denoiser is not None else self.denoiser,
             vae=self.vae,
             text_encoder=self.text_encoder,
             tokenizer=self.tokenizer,
-            scheduler=DDIMScheduler.from_config(self.noise_scheduler.config),
+            scheduler=self.noise_scheduler,
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
         )
 
-    def save_pretrained(self, path: str | Path, unet: nn.Module | None = None) -> Path:
-        """Write a folder that `load_backbone` reads back: a diffusers pipeline, or for a pixel-space model
-        the same layout without a VAE (unet/, text_encoder/, tokenizer/, scheduler/, model_index.json)."""
+    def save_pretrained(self, path: str | Path, denoiser: nn.Module | None = None) -> Path:
         path = Path(path)
-        if self.vae is not None:
-            self.pipeline(unet).save_pretrained(str(path), safe_serialization=True)
-            return path
+        self.pipeline(denoiser).save_pretrained(str(path), safe_serialization=True)
+        return path
+
+
+class PixelBackbone(StableDiffusionBackbone):
+    """A Stable-Diffusion-layout model on pixels: no VAE (the toy world's). Its folder holds unet/,
+    text_encoder/, tokenizer/, scheduler/ and a model_index.json naming PIXEL_CLASS_NAME."""
+
+    family = "pixel"
+    # no diffusers pipeline samples it, but a LoRA export uses StableDiffusionPipeline's format (unet.* keys)
+
+    def __init__(self, unet, noise_scheduler, text_encoder, tokenizer, prediction_type=None, source=""):
+        super().__init__(unet, noise_scheduler, text_encoder, tokenizer, None, prediction_type, source)
+
+    @torch.no_grad()
+    def latent_posterior(self, pixels):
+        return pixels, torch.zeros_like(pixels)
+
+    def latents_from_posterior(self, mean, std, eps):
+        return mean
+
+    def encode_images(self, pixels, generator=None):
+        return pixels
+
+    def decode(self, latents):
+        return latents
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        return (self.denoiser.config.in_channels, height, width)
+
+    def default_size(self) -> int:
+        return self.denoiser.config.sample_size
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        return {"text_encoder": self.text_encoder}
+
+    def pipeline(self, denoiser=None):
+        raise NotImplementedError("pixel-space models have no diffusers pipeline; sample with diffalign.sampling")
+
+    def save_pretrained(self, path: str | Path, denoiser: nn.Module | None = None) -> Path:
         import diffusers
 
-        unet = unet if unet is not None else self.denoiser
-        parts = {"unet": unet, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer,
+        path = Path(path)
+        denoiser = denoiser if denoiser is not None else self.denoiser
+        parts = {"unet": denoiser, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer,
                  "scheduler": self.noise_scheduler}  # fmt: skip
         for name, part in parts.items():
             kw = {"safe_serialization": True} if isinstance(part, nn.Module) else {}
@@ -155,3 +189,49 @@ class StableDiffusionBackbone(Backbone):
             index[name] = [lib, type(part).__name__]
         (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         return path
+
+
+# ---- loading ------------------------------------------------------------------------------------------
+
+
+def load_components(path, revision=None, variant=None, vae=None, with_vae=True) -> dict:
+    """The Stable Diffusion-layout parts of a folder or hub id (unet, scheduler, tokenizer, text_encoder,
+    vae), frozen; `vae` (a path or hub id) replaces the folder's VAE."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    kw = dict(revision=revision)
+    parts = {
+        "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kw),
+        "scheduler": DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
+        "tokenizer": AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
+        "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **kw),
+    }
+    if with_vae:
+        parts["vae"] = (AutoencoderKL.from_pretrained(vae) if vae
+                        else AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **kw))  # fmt: skip
+    for m in parts.values():
+        if isinstance(m, nn.Module):
+            m.requires_grad_(False)
+    return parts
+
+
+def load_sd(path, revision=None, variant=None, vae=None, prediction_type=None) -> StableDiffusionBackbone:
+    c = load_components(path, revision, variant, vae)
+    return StableDiffusionBackbone(c["unet"], c["scheduler"], c["text_encoder"], c["tokenizer"], c["vae"],
+                                   prediction_type, source=path)  # fmt: skip
+
+
+def load_pixel(path, revision=None, variant=None, vae=None, prediction_type=None) -> PixelBackbone:
+    if vae:
+        raise ValueError(f"{path!r} is a pixel-space model; it takes no model.vae")
+    c = load_components(path, revision, variant, with_vae=False)
+    return PixelBackbone(c["unet"], c["scheduler"], c["text_encoder"], c["tokenizer"], prediction_type, source=path)
+
+
+def tiny_sd(prediction_type=None) -> StableDiffusionBackbone:
+    from diffalign.backbones.tiny import tiny_sd_components
+
+    c = tiny_sd_components(prediction_type=prediction_type or "epsilon")
+    return StableDiffusionBackbone(c["unet"], c["scheduler"], c["text_encoder"], c["tokenizer"], c["vae"],
+                                   source="tiny:sd")  # fmt: skip

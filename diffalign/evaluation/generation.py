@@ -191,9 +191,9 @@ def is_pixel_folder(model: str) -> bool:
 
 class PixelGenerator:
     """A pixel-space model folder (unet/, text_encoder/, tokenizer/, scheduler/; no VAE) loaded with
-    `diffalign.backbones.load_backbone` on the first call and sampled with DDIM (eta 0) and
-    classifier-free guidance against the empty prompt (`diffalign.toy.model.sample`). The initial noise
-    of each image comes from a CPU generator seeded with its seed, as for diffusers models."""
+    `diffalign.backbones.load_backbone` on the first call and sampled by `diffalign.sampling` with DDIM
+    (eta 0) and classifier-free guidance against the empty prompt. The initial noise of each image comes
+    from a CPU generator seeded with its seed, as for diffusers models."""
 
     def __init__(self, model: str, lora: str | None = None, device: str = "cpu", dtype: str = "float32",
                  sampler: str = "default", name: str = "model", steps: int = 20, guidance: float = 5.0,
@@ -225,21 +225,23 @@ class PixelGenerator:
             bb = load_backbone(self.model, family="pixel")
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"could not load the pixel-space model {self.model!r}: {e}") from e
-        unet, te = bb.denoiser.eval().to(self.device), bb.text_encoder.to(self.device)
-        if self.dtype != "float32":
-            unet, te = unet.to(getattr(torch, self.dtype)), te.to(getattr(torch, self.dtype))
-        self._parts = (unet, te, bb.tokenizer, bb.noise_scheduler)
+        bb.denoiser.eval().to(self.device)
+        bb.text_encoder.to(self.device)
+        if self.dtype != "float32":  # diffusers warns on any dtype cast, even a no-op one
+            bb.denoiser.to(getattr(torch, self.dtype))
+            bb.text_encoder.to(getattr(torch, self.dtype))
+        self._parts = bb
 
     def __call__(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
-        from diffalign.toy.model import sample
+        from diffalign.sampling import sample_images
 
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         if self._parts is None:
             self._load()
-        unet, te, tok, sched = self._parts
-        arr = sample(unet, te, tok, sched, list(prompts), [int(s) for s in seeds], self.steps, self.guidance,
-                     batch_size=self.batch_size, size=self.size)  # fmt: skip
+        bb = self._parts
+        arr = sample_images(bb, bb.denoiser, list(prompts), [int(s) for s in seeds], steps=self.steps,
+                            guidance=self.guidance, batch_size=self.batch_size, height=self.size)  # fmt: skip
         return [Image.fromarray(a) for a in arr]
 
 

@@ -20,9 +20,27 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pydantic
 import torch
 
 Metrics = dict[str, torch.Tensor]
+
+#: where an objective's candidates come from (diffalign/training/experience.py)
+EXPERIENCE_KINDS = ("offline", "generated", "rollout")
+
+
+class Params(pydantic.BaseModel):
+    """An objective's hyper-parameters: typed, validated when the config loads (a misspelt or ill-typed
+    parameter fails before any model is built). Subclasses declare fields with defaults.
+
+    A field named `noise` ("shared" | "per_image") tells the experience source whether the candidates of
+    an item share one diffusion noise (Diffusion-DPO) or draw one each (RankDPO's Algorithm 2)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+
+class NoParams(Params):
+    pass
 
 
 @dataclass(frozen=True)
@@ -32,18 +50,29 @@ class Objective:
     name: str
     fn: Callable[..., tuple[torch.Tensor, Metrics]]
     needs_reference: bool
+    #: its hyper-parameters and their defaults
+    params: type[Params] = NoParams
     #: how many candidates per item the objective reads: None = all, 1 = the best only (SFT)
     candidates: int | None = None
     #: data formats it accepts (None = any)
     formats: tuple[str, ...] | None = None
-    #: default hyper-parameters (overridable from the config's objective section)
-    defaults: tuple[tuple[str, float | str | bool], ...] = ()
+    #: experience sources it can learn from; the first is the default
+    experience: tuple[str, ...] = ("offline",)
+
+    @property
+    def defaults(self) -> dict:
+        return self.params().model_dump()
+
+    def validate(self, params: dict | Params | None = None) -> Params:
+        """The typed parameters (defaults filled in); raises pydantic.ValidationError."""
+        if isinstance(params, self.params):
+            return params
+        return self.params.model_validate(dict(params or {}))
 
     def __call__(self, energy, ref_energy, phi, **params) -> tuple[torch.Tensor, Metrics]:
         if self.needs_reference and ref_energy is None:
             raise ValueError(f"objective {self.name!r} needs reference energies")
-        merged = {**dict(self.defaults), **params}
-        return self.fn(energy, ref_energy, phi, **merged)
+        return self.fn(energy, ref_energy, phi, **self.validate(params).model_dump())
 
 
 _REGISTRY: dict[str, Objective] = {}

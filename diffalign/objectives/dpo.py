@@ -8,12 +8,28 @@ beta in the role of IPO's tau, the same beta convention as the sigmoid loss).
 
 from __future__ import annotations
 
+from typing import Literal
+
+import pydantic
 import torch
 import torch.nn.functional as F
 
-from diffalign.objectives.base import Objective, implicit_accuracy, pair_metrics, register
+from diffalign.objectives.base import Objective, Params, implicit_accuracy, pair_metrics, register
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+
+
+class DPOParams(Params):
+    #: Salesforce's convention (with the 1/2, objectives/base.py); must be > 0 (0 cannot learn, < 0 learns
+    #: the preference backwards)
+    beta: float = pydantic.Field(5000.0, gt=0)
+    loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
+    #: weight of an SFT term on the preferred image (RPO-style); 0 = off, as in the reference recipes
+    winner_weight: float = pydantic.Field(0.0, ge=0)
+
+
+class DCPOParams(DPOParams):
+    beta: float = pydantic.Field(500.0, gt=0)  # DCPO-T2I src/run.sh
 
 
 def dpo_loss(
@@ -66,19 +82,12 @@ register(
         "dpo",
         dpo_loss,
         needs_reference=True,
-        formats=("pickapic", "double_caption", "ranked", "jsonl"),
-        defaults=(("beta", 5000.0), ("loss_type", "sigmoid"), ("winner_weight", 0.0)),
+        params=DPOParams,
+        formats=("pickapic", "double_caption", "ranked", "jsonl", "hpdv2"),
+        experience=("offline", "generated"),
     )
 )
 # DCPO (Saeidi et al. 2025) is the DPO loss with one caption per image; the captions reach the energies
 # through the data layer (double_caption format). Its reference recipe uses beta 500 (src/run.sh).
-register(
-    Objective(
-        "dcpo",
-        dpo_loss,
-        needs_reference=True,
-        formats=("double_caption",),
-        defaults=(("beta", 500.0), ("loss_type", "sigmoid"), ("winner_weight", 0.0)),
-    )
-)
+register(Objective("dcpo", dpo_loss, needs_reference=True, params=DCPOParams, formats=("double_caption",)))
 register(Objective("sft", sft_loss, needs_reference=False, candidates=1))

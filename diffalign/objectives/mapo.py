@@ -8,10 +8,17 @@ Reference: mapo-t2i/mapo utils.py compute_loss. With per-sample errors m_w, m_l 
 
 from __future__ import annotations
 
+import pydantic
 import torch
 import torch.nn.functional as F
 
-from diffalign.objectives.base import Objective, implicit_accuracy, pair_metrics, register
+from diffalign.objectives.base import Objective, Params, implicit_accuracy, pair_metrics, register
+
+
+class MaPOParams(Params):
+    beta: float = pydantic.Field(0.1, gt=0)  # the reference's --beta_mapo
+    a: float = pydantic.Field(0.5, gt=0)  # the reference's --snr_value
+    num_train_timesteps: float = pydantic.Field(1000.0, gt=0)  # T in log sigmoid(T (s_w - s_l))
 
 
 def _likelihood_link(m: torch.Tensor, a: float) -> torch.Tensor:
@@ -48,11 +55,4 @@ def mapo_loss(
     return loss, metrics
 
 
-register(
-    Objective(
-        "mapo",
-        mapo_loss,
-        needs_reference=False,
-        defaults=(("beta", 0.1), ("a", 0.5), ("num_train_timesteps", 1000.0)),
-    )
-)
+register(Objective("mapo", mapo_loss, needs_reference=False, params=MaPOParams))

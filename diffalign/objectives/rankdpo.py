@@ -1,5 +1,5 @@
 """RankDPO (Karthik et al., arXiv 2410.18013, Alg. 2): a DCG-weighted pairwise DPO loss over k ranked
-candidates sharing one noise and one timestep.
+candidates sharing one timestep (each with its own noise by default, see `noise` below).
 
 Per candidate, s_i = e_i - r_i (policy minus reference error; lower is better). For every pair with
 phi_i > phi_j:
@@ -16,16 +16,31 @@ Choices where the paper's text leaves room (all named options):
   equals beta / 2 here. With `normalize=True` the pair losses are divided by sum Delta, so that k = 2
   reduces exactly to Diffusion-DPO; the default (False) is the paper's plain sum.
 - Candidates tied in phi form no pair (G = 0). Ties in position use the order the data layer gave.
+- Noise: each image of the list gets its own diffusion noise and all share one timestep (Eq. 5,
+  Algorithm 2); `noise="shared"` gives the whole list one noise, as Diffusion-DPO pairs do. The loss
+  function reads only energies; the experience source reads this parameter.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
+import pydantic
 import torch
 import torch.nn.functional as F
 
-from diffalign.objectives.base import Objective, implicit_accuracy, pair_metrics, register
+from diffalign.objectives.base import Objective, Params, implicit_accuracy, pair_metrics, register
 
 DISCOUNTS = ("true_rank", "predicted_rank")
+
+
+class RankDPOParams(Params):
+    beta: float = pydantic.Field(5000.0, gt=0)
+    discount: Literal["true_rank", "predicted_rank"] = "true_rank"
+    normalize: bool = False
+    #: per_image: each candidate its own diffusion noise, one shared timestep (the paper's Eq. 5 and
+    #: Algorithm 2); shared: one noise for the whole list (Diffusion-DPO's pairing, diffalign < 0.2)
+    noise: Literal["per_image", "shared"] = "per_image"
 
 
 def dcg_pair_weights(phi: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -52,6 +67,7 @@ def rankdpo_loss(
     beta: float = 5000.0,
     discount: str = "true_rank",
     normalize: bool = False,
+    noise: str = "per_image",
 ) -> tuple[torch.Tensor, dict]:
     if discount not in DISCOUNTS:
         raise ValueError(f"discount must be one of {DISCOUNTS}, got {discount!r}")
@@ -80,11 +96,4 @@ def rankdpo_loss(
     return loss, metrics
 
 
-register(
-    Objective(
-        "rankdpo",
-        rankdpo_loss,
-        needs_reference=True,
-        defaults=(("beta", 5000.0), ("discount", "true_rank"), ("normalize", False)),
-    )
-)
+register(Objective("rankdpo", rankdpo_loss, needs_reference=True, params=RankDPOParams))

@@ -113,7 +113,7 @@ def write_sft_data(path: str | Path, recipe: BaseRecipe) -> Path:
 
 def build_init_backbone(recipe: BaseRecipe):
     """The untrained pixel-space backbone: random UNet, the frozen toy text encoder, the toy schedule."""
-    from diffalign.backbones.sd import StableDiffusionBackbone
+    from diffalign.backbones.sd import PixelBackbone
     from diffalign.toy.model import build_scheduler, build_unet
     from diffalign.toy.text import build_text_encoder, build_tokenizer
 
@@ -123,7 +123,7 @@ def build_init_backbone(recipe: BaseRecipe):
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler.from_config(build_scheduler().config, prediction_type=recipe.prediction_type)
-    return StableDiffusionBackbone(unet, scheduler, te, tok, vae=None, source="toy:init")
+    return PixelBackbone(unet, scheduler, te, tok, source="toy:init")
 
 
 def write_inputs(root: str | Path, recipe: BaseRecipe) -> tuple[Path, Path]:
@@ -153,21 +153,11 @@ def train_config(recipe: BaseRecipe, init: str | Path, data: str | Path, output_
 # ---- training ---------------------------------------------------------------------------------------
 
 
-def reset_accelerate() -> None:
-    """accelerate keeps process-wide singletons; reset them so one process can run several Trainers."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
 def train(config: dict, progress: bool = True) -> dict:
     """Run the real Trainer on a config dict in this process; returns its last logged metrics."""
     from diffalign.config import load_config
     from diffalign.training.trainer import Trainer
 
-    reset_accelerate()
     cfg = load_config(config)
     cfg.logging.progress = cfg.logging.progress and progress
     return Trainer(cfg).train()

@@ -56,7 +56,7 @@ def run_demo(recipe: DemoRecipe, out: str | Path = DEFAULT_OUT, progress: bool =
     from diffalign.evaluation.suites import load_suite
     from diffalign.synpic.config import load_config as load_synpic_config
     from diffalign.synpic.run import run as run_synpic
-    from diffalign.toy.base import ensure_base, reset_accelerate, train
+    from diffalign.toy.base import ensure_base, train
     from diffalign.toy.recipes import write_configs
 
     t0 = time.time()
@@ -76,7 +76,6 @@ def run_demo(recipe: DemoRecipe, out: str | Path = DEFAULT_OUT, progress: bool =
 
     _stage(log, "2/5 toy Syn-Pic data from the base", t0)
     t = time.time()
-    reset_accelerate()
     scfg = load_synpic_config(raw=synpic_config(out, recipe))
     syn = run_synpic(scfg, overwrite=True, progress=progress)
     seconds["synpic"] = time.time() - t

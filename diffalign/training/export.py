@@ -29,20 +29,32 @@ def validation_grid(trainer, step: int) -> Path | None:
     if not cfg.prompts:
         return None
     bb = trainer.backbone
-    try:
-        pipe = bb.pipeline(trainer.acc.unwrap_model(trainer.unet))
-    except NotImplementedError as err:
-        trainer.acc.print(f"validation skipped: {err}")
-        return None
-    pipe.set_progress_bar_config(disable=True)
+    denoiser = trainer.acc.unwrap_model(trainer.unet)
     res = cfg.resolution or trainer.cfg.data.resolution
     images = []
-    for prompt in cfg.prompts:
-        for seed in cfg.seeds:
-            g = torch.Generator(device="cpu").manual_seed(seed)
-            with trainer.acc.autocast():
-                images.append(pipe(prompt, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance, height=res,
-                                   width=res, generator=g).images[0])
+    try:
+        pipe = bb.pipeline(denoiser)
+    except NotImplementedError:  # pixel-space: diffalign's own sampler (DDIM, the same seeds)
+        from PIL import Image
+
+        from diffalign.sampling import sample_images
+
+        prompts = [p for p in cfg.prompts for _ in cfg.seeds]
+        seeds = [s for _ in cfg.prompts for s in cfg.seeds]
+        with trainer.acc.autocast():
+            arr = sample_images(bb, denoiser, prompts, seeds, steps=cfg.steps, guidance=cfg.guidance, height=res)
+        images = [Image.fromarray(a) for a in arr]
+    else:
+        from diffusers import DDIMScheduler
+
+        pipe.scheduler = DDIMScheduler.from_config(bb.noise_scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        for prompt in cfg.prompts:
+            for seed in cfg.seeds:
+                g = torch.Generator(device="cpu").manual_seed(seed)
+                with trainer.acc.autocast():
+                    images.append(pipe(prompt, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
+                                       height=res, width=res, generator=g).images[0])
     grid = image_grid(images, cols=len(cfg.seeds))
     out = trainer.out / "validation" / f"step-{step:07d}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -64,14 +76,12 @@ def export_final(trainer, metrics: dict) -> Path:
     unet = trainer.acc.unwrap_model(trainer.unet)
     bb = trainer.backbone
     if trainer.cfg.lora is not None:
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
         layers = {k: v.detach().float().contiguous().cpu() for k, v in layers.items()}
-        pipe_cls = StableDiffusionXLPipeline if bb.family == "sdxl" else StableDiffusionPipeline
-        pipe_cls.save_lora_weights(str(out), unet_lora_layers=layers, safe_serialization=True)
+        bb.save_lora(out, layers)
         what = "LoRA adapter (diffusers format): `pipe.load_lora_weights(this_folder)`"
     else:
         if unet.dtype != torch.float32:  # diffusers warns on any dtype cast, even a no-op one

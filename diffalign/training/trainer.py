@@ -1,6 +1,7 @@
 """The training loop. It knows neither the model family (the backbone does) nor the loss (the objective
-does): per micro-batch it asks the backbone for per-candidate energies under the policy and the
-reference, and the objective for a loss.
+does) nor where candidates come from (the experience source does): per micro-batch it asks the source for
+an experience, computes its energies under the policy and the reference module, and asks the objective
+for a loss.
 
 Determinism by construction: which items a micro-step reads is a function of (seed, micro-step index),
 and each item's noise and timestep a function of (seed, its position in the data stream).
@@ -19,10 +20,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from diffalign.backbones import Backbone, load_backbone
+from diffalign.backbones import load_backbone
 from diffalign.config import Config, dump_config, weight_dtype
 from diffalign.objectives import get_objective
 from diffalign.training import checkpoint as ckpt
+from diffalign.training.experience import GeneratedSource, OfflineSource
 from diffalign.training.reference import make_reference
 
 
@@ -79,37 +81,33 @@ class _EpochIndexed(torch.utils.data.Dataset):
         return self.dataset[index]
 
 
-def item_noise(backbone: Backbone, seed: int, positions: list[int], k: int, shape):
-    """Timestep, diffusion noise and VAE-posterior noise of each item, a function of (seed, the item's
-    position in the data stream) only.
+def make_accelerator(cfg: Config):
+    """The Accelerator a config asks for (mixed precision, trackers, the run folder as project dir)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
 
-    Keying on the stream position (micro-step x global batch + offset) rather than on the micro-step makes
-    batch 4 equal accumulation 4 x batch 1, and 2 processes x batch 1 equal 1 process x batch 2.
-    Returns t [B], noise [B, *shape] (shared by the item's k candidates) and eps [B, k, *shape]."""
-    ts, noises, eps = [], [], []
-    for pos in positions:
-        g = torch.Generator().manual_seed((seed + 1) * 1_000_003 + pos)
-        ts.append(backbone.sample_timesteps(1, g))
-        noises.append(torch.randn((1, *shape), generator=g))
-        eps.append(torch.randn((1, k, *shape), generator=g))
-    return torch.cat(ts), torch.cat(noises), torch.cat(eps)
+    out = Path(cfg.output_dir)
+    log_with = [t for t, on in (("tensorboard", cfg.logging.tensorboard), ("wandb", cfg.logging.wandb)) if on]
+    return Accelerator(
+        # without an accelerator, cpu=True lets torchrun-launched processes form a gloo DDP group
+        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=log_with or None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: str | None = None):
-        from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
+    """`Trainer(cfg).train()`. Pass `accelerator` to run inside one you built (its mixed precision must
+    match train.mixed_precision); by default one is made from the config."""
 
+    def __init__(self, cfg: Config, resume: str | None = None, accelerator=None):
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
-        log_with = [t for t, on in (("tensorboard", cfg.logging.tensorboard), ("wandb", cfg.logging.wandb)) if on]
-        self.acc = Accelerator(
-            # without an accelerator, cpu=True lets torchrun-launched processes form a gloo DDP group
-            cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
-            mixed_precision=cfg.train.mixed_precision,
-            log_with=log_with or None,
-            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
-        )
+        self.acc = accelerator if accelerator is not None else make_accelerator(cfg)
+        if self.acc.mixed_precision != cfg.train.mixed_precision:
+            raise ValueError(f"the accelerator runs mixed_precision={self.acc.mixed_precision!r} but the config "
+                             f"asks for {cfg.train.mixed_precision!r}")  # fmt: skip
         self.weight_dtype = weight_dtype(cfg.train.mixed_precision)
         self.objective = get_objective(cfg.objective.name)
         self.objective_params = cfg.objective.params()
@@ -145,14 +143,15 @@ class Trainer:
                 unet.to(self.weight_dtype)
             unet.add_adapter(LoraConfig(r=lc.rank, lora_alpha=lc.alpha or lc.rank, lora_dropout=lc.dropout,
                                         init_lora_weights=True if lc.init == "default" else lc.init,
-                                        target_modules=lc.target_modules))
+                                        target_modules=lc.target_modules or bb.lora_target_modules))
             for p in unet.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()  # trainable LoRA weights stay fp32 under mixed precision
         else:
             unet.to(acc.device).requires_grad_(True)
-        self.reference = make_reference(cfg.train.reference, self.objective.needs_reference, cfg.lora is not None,
-                                         unet, self.weight_dtype).to(acc.device)
+        needs_ref = self.objective.needs_reference
+        self.reference = make_reference(cfg.train.reference, needs_ref, cfg.lora is not None, unet,
+                                        self.weight_dtype, unwrap=acc.unwrap_model).to(acc.device)  # fmt: skip
         self.params = [p for p in unet.parameters() if p.requires_grad]
 
         self.dataset = self._dataset()
@@ -161,9 +160,16 @@ class Trainer:
         optimizer = self._optimizer()
         from diffusers.optimization import get_scheduler
 
-        scheduler = get_scheduler(cfg.optim.scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
-                                  num_training_steps=cfg.train.max_steps)
+        # accelerate steps a prepared scheduler once per process for each optimizer step (it assumes the
+        # schedule counts per-process batches), so its lengths are given in those units, as the diffusers
+        # scripts do: the lr after n steps is then the same for any number of processes.
+        scheduler = get_scheduler(cfg.optim.scheduler, optimizer,
+                                  num_warmup_steps=cfg.optim.warmup_steps * acc.num_processes,
+                                  num_training_steps=cfg.train.max_steps * acc.num_processes)  # fmt: skip
         self.unet, self.optimizer, self.scheduler = acc.prepare(unet, optimizer, scheduler)
+        # the parameters the optimizer, clipping and EMA see, taken from the prepared model
+        self.params = [p for p in acc.unwrap_model(self.unet).parameters() if p.requires_grad]
+        self.source = self._source()
         self._register_checkpoint_hooks()
         self.ema = None
         if cfg.train.ema_decay:
@@ -171,6 +177,18 @@ class Trainer:
 
             self.ema = EMAModel(self.params, decay=cfg.train.ema_decay)
             acc.register_for_checkpointing(self.ema)  # saved and resumed with the checkpoint
+
+    def _source(self):
+        cfg, acc = self.cfg, self.acc
+        params = self.objective.validate(self.objective_params)
+        common = dict(seed=cfg.train.seed, resolution=cfg.data.resolution, device=acc.device, dtype=self.weight_dtype,
+                      global_batch=self.global_batch, local_batch=cfg.train.batch_size, rank=acc.process_index,
+                      per_candidate_noise=getattr(params, "noise", "shared") == "per_image")  # fmt: skip
+        if cfg.experience_source() == "generated":
+            s = cfg.experience.sampler
+            return GeneratedSource(self.backbone, steps=s.steps, guidance=s.guidance, eta=s.eta,
+                                   generator=cfg.experience.generator, sample_batch=s.batch_size, **common)  # fmt: skip
+        return OfflineSource(self.backbone, candidates=self.objective.candidates, **common)
 
     def _dataset(self):
         if self.cfg.cache.enabled:
@@ -205,6 +223,9 @@ class Trainer:
         from safetensors.torch import load_file, save_file
 
         def save_hook(models, weights, output_dir):
+            if not self.acc.is_main_process:  # one writer; the others only drop the full weights
+                weights.clear()
+                return
             for i, m in enumerate(models):
                 sd = {k: v.contiguous() for k, v in get_peft_model_state_dict(self.acc.unwrap_model(m)).items()}
                 save_file(sd, str(Path(output_dir) / f"lora_{i}.safetensors"))
@@ -223,43 +244,17 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: (v.to(self.acc.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
-    def _conditioning(self, batch: dict, K: int) -> dict:
-        """Text (and micro-)conditioning for the B*K candidates, item-major."""
-        bb = self.backbone
-        if "cond" in batch:  # from the cache
-            cond = {k: v.flatten(0, 1).to(self.acc.device, self.weight_dtype) for k, v in batch["cond"].items()}
-        else:
-            captions = [c for item in batch["captions"] for c in item[:K]]
-            unique = list(dict.fromkeys(captions))
-            enc = bb.encode_text(unique)
-            where = torch.tensor([unique.index(c) for c in captions], device=self.acc.device)
-            cond = {k: v[where] for k, v in enc.items()}
-        micro = bb.micro_conditioning(batch["original_size"][:, :K].flatten(0, 1).cpu(),
-                                      batch["crop_top_left"][:, :K].flatten(0, 1).cpu(), self._resolution())
-        return cond | {k: v.to(self.acc.device) for k, v in micro.items()}
-
-    def _resolution(self) -> int:
-        return self.cfg.data.resolution
-
     def compute_loss(self, batch: dict, micro: int):
-        bb = self.backbone
-        K = self.objective.candidates or batch["phi"].shape[1]
-        if "latent_mean" in batch:  # from the cache
-            mean, std = batch["latent_mean"][:, :K].flatten(0, 1), batch["latent_std"][:, :K].flatten(0, 1)
-        else:
-            mean, std = bb.latent_posterior(batch["pixel_values"][:, :K].flatten(0, 1))
-        B = batch["phi"].shape[0]
-        first = micro * self.global_batch + self.acc.process_index * self.cfg.train.batch_size
-        t, noise, eps = item_noise(bb, self.cfg.train.seed, list(range(first, first + B)), K, mean.shape[1:])
-        x0 = bb.latents_from_posterior(mean.float(), std.float(), eps.flatten(0, 1).to(self.acc.device)).float()
-        x0 = x0.view(B, K, *x0.shape[1:])
-        t, noise = t.to(self.acc.device), noise.to(self.acc.device)
-        cond = self._conditioning(batch, K)
+        """One micro-batch: the source's experience, its energies under the policy and the reference module,
+        and the objective's (loss, metrics)."""
+        exp = self.source.next(batch, micro, self.unet, self.reference)
         with self.acc.autocast():
-            energy = bb.energies(self.unet, x0, noise, t, cond)
-            ref = self.reference.energies(bb, self.acc.unwrap_model(self.unet), x0, noise, t, cond)
-        phi = batch["phi"][:, :K].to(energy.device, energy.dtype)
-        return self.objective(energy, ref, phi, **self.objective_params)
+            energy = exp.energy(self.unet)
+            with torch.no_grad(), self.reference.model(self.unet) as ref_model:
+                ref = exp.energy(ref_model) if ref_model is not None else None
+        phi = exp.phi.to(energy.device, energy.dtype)
+        loss, metrics = self.objective(energy, ref, phi, **self.objective_params)
+        return loss, {**metrics, **exp.metrics}
 
     # ---- the loop -----------------------------------------------------------------------------------
     def _loader(self):
@@ -282,10 +277,11 @@ class Trainer:
         n = len(self.dataset)
         trainable = sum(p.numel() for p in self.params)
         total = sum(p.numel() for p in self.backbone.denoiser.parameters())
-        params = ", ".join(f"{k}={v}" for k, v in {**dict(self.objective.defaults), **self.objective_params}.items())
+        params = ", ".join(f"{k}={v}" for k, v in self.objective_params.items())
         lines = [
             f"diffalign train: {cfg.model.pretrained} ({self.backbone.family}, {self.backbone.prediction_type})",
-            f"  objective   {self.objective.name} ({params}); reference: {self.reference.name}",
+            f"  objective   {self.objective.name} ({params}); reference: {self.reference.describe()}; "
+            f"experience: {self.source.kind}",
             f"  tuning      {f'LoRA rank {cfg.lora.rank}' if cfg.lora else 'full'}: {trainable:,} of {total:,} parameters trainable",
             f"  data        {self._describe_data()}",
             f"  batch       {cfg.train.batch_size} per process x {acc.num_processes} processes x {cfg.train.grad_accum} accumulation = {eff} items per step",
@@ -308,6 +304,7 @@ class Trainer:
                 self.step, self.micro = state["step"], state["micro"]
                 self.counters.update(state["counters"])
                 acc.print(f"resumed from {path} at step {self.step}")
+        self.reference.on_step(self.step)
         if acc.is_main_process:
             (self.out / "logs").mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(dump_config(cfg))
@@ -335,6 +332,7 @@ class Trainer:
                 continue
             self.counters["consecutive_nonfinite"] = 0
             self.step += 1
+            self.reference.on_step(self.step)
             for k, v in step_metrics.items():
                 window.setdefault(k, []).append(v)
             bar.update(1)
@@ -427,10 +425,12 @@ class Trainer:
         final = root / f"step-{self.step:07d}"
         tmp = root / f"step-{self.step:07d}.tmp"
         self.acc.save_state(str(tmp))
+        self.acc.wait_for_everyone()  # every rank has written its files (RNG states) before the rename
         if self.acc.is_main_process:
             state = {"step": self.step, "micro": self.micro, "counters": self.counters}
             ckpt.finalize(tmp, final, state, self.cfg.checkpoint.keep)
         self.acc.wait_for_everyone()
+        self.reference.on_checkpoint(final, self.step)
         return final
 
     def validate(self) -> Path | None:

@@ -1,0 +1,204 @@
+"""Experience sources: what one micro-batch gives the objective, whichever way its candidates came.
+
+The trainer asks a source for the next micro-batch's `Experience` (preference weights phi, and a function
+from a model to per-candidate energies) and runs the same step for every method:
+
+    exp = source.next(batch, micro, policy, reference)
+    energy = exp.energy(policy)
+    with no_grad, reference.model(policy) as ref:  ref_energy = exp.energy(ref) if ref else None
+    loss, metrics = objective(energy, ref_energy, exp.phi, **params)
+
+- `OfflineSource`: every candidate comes from the data (pixels or the latent cache): DPO, MaPO, DCPO,
+  RankDPO, SFT on preference data.
+- `GeneratedSource`: the preferred candidate from the data, the other sampled during training by a module
+  the source is given (the reference's, or the policy): SPIN-Diffusion, SePPO.
+
+Determinism: every draw (timestep, noise, VAE posterior sample, generation seeds) is a function of
+(train.seed, the item's position in the data stream), so accumulation, N processes and resume replay the
+same run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diffalign.backbones.base import Backbone, Conditioning
+from diffalign.backbones.processes import NoiseProcess
+
+Energy = Callable[[torch.nn.Module], torch.Tensor]
+
+
+@dataclass
+class Experience:
+    phi: torch.Tensor  # [B, K] preference strength of each candidate, best first
+    energy: Energy  # model -> [B, K] float32 energies (lower = the model likes the candidate more)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def stream_seed(seed: int, stream: str, position: int) -> int:
+    """A 63-bit seed for one named random stream at one data-stream position."""
+    words = [int(seed) & 0xFFFFFFFF, int.from_bytes(stream.encode()[:8].ljust(8, b"\0"), "little") & 0xFFFFFFFF,
+             int(position) & 0xFFFFFFFF, int(position) >> 32]  # fmt: skip
+    return int(np.random.SeedSequence(words).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def item_noise(process: NoiseProcess, seed: int, positions: list[int], k: int, shape, per_candidate: bool = False):
+    """Timestep, diffusion noise and VAE-posterior noise of each item, a function of (seed, the item's
+    position in the data stream) only.
+
+    Keying on the stream position (micro-step x global batch + offset) rather than on the micro-step makes
+    batch 4 equal accumulation 4 x batch 1, and 2 processes x batch 1 equal 1 process x batch 2.
+    Returns t [B], noise [B, *shape] shared by the item's k candidates (or [B, k, *shape] with
+    `per_candidate`: candidate 0 keeps the shared draw, the others are drawn after the posterior noise)
+    and eps [B, k, *shape]."""
+    ts, noises, eps = [], [], []
+    for pos in positions:
+        g = torch.Generator().manual_seed((seed + 1) * 1_000_003 + pos)
+        ts.append(process.sample_t(1, g))
+        shared = torch.randn((1, *shape), generator=g)
+        eps.append(torch.randn((1, k, *shape), generator=g))
+        if per_candidate:
+            others = torch.randn((1, k - 1, *shape), generator=g)
+            noises.append(torch.cat([shared.unsqueeze(1), others], dim=1))
+        else:
+            noises.append(shared)
+    return torch.cat(ts), torch.cat(noises), torch.cat(eps)
+
+
+def mse_energy(backbone: Backbone, model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+               cond: Conditioning) -> torch.Tensor:  # fmt: skip
+    """Per-candidate denoising error: mean over the latent dimensions of (prediction - target)^2.
+
+    x0 [B, K, ...]; noise [B, ...] shared by an item's K candidates, or [B, K, ...] one per candidate;
+    t [B] shared; cond holds B*K rows in item-major order. Returns [B, K] in float32."""
+    B, K = x0.shape[:2]
+    x0_flat = x0.flatten(0, 1)
+    if noise.dim() == x0.dim():
+        noise_flat = noise.flatten(0, 1)
+    else:
+        noise_flat = noise.unsqueeze(1).expand(B, K, *noise.shape[1:]).flatten(0, 1)
+    t_flat = t.to(x0.device).repeat_interleave(K)
+    process = backbone.process
+    noisy = process.add_noise(x0_flat, noise_flat, t_flat)
+    target = process.target(x0_flat, noise_flat, t_flat)
+    pred = backbone.predict(model, noisy, t_flat, cond)
+    err = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.dim())))
+    return err.view(B, K)
+
+
+class OfflineSource:
+    """Candidates from the data: a batch of pixels (or cached VAE posteriors and text conditioning)."""
+
+    kind = "offline"
+
+    def __init__(self, backbone: Backbone, seed: int, resolution: int, device, dtype: torch.dtype,
+                 global_batch: int, local_batch: int, rank: int, candidates: int | None = None,
+                 per_candidate_noise: bool = False):  # fmt: skip
+        self.backbone, self.seed, self.resolution = backbone, seed, resolution
+        self.device, self.dtype = device, dtype
+        self.global_batch, self.local_batch, self.rank = global_batch, local_batch, rank
+        self.candidates = candidates
+        self.per_candidate_noise = per_candidate_noise
+
+    def positions(self, micro: int, n: int) -> list[int]:
+        """Data-stream positions of this process's n items of micro-batch `micro`."""
+        first = micro * self.global_batch + self.rank * self.local_batch
+        return list(range(first, first + n))
+
+    def conditioning(self, batch: dict, K: int) -> Conditioning:
+        """Text (and micro-)conditioning for the B*K candidates, item-major."""
+        bb = self.backbone
+        if "cond" in batch:  # from the cache
+            cond = {k: v[:, :K].flatten(0, 1).to(self.device, self.dtype) for k, v in batch["cond"].items()}
+        else:
+            captions = [c for item in batch["captions"] for c in item[:K]]
+            unique = list(dict.fromkeys(captions))
+            enc = bb.encode_text(unique)
+            where = torch.tensor([unique.index(c) for c in captions], device=self.device)
+            cond = {k: v[where] for k, v in enc.items()}
+        micro = bb.micro_conditioning(batch["original_size"][:, :K].flatten(0, 1).cpu(),
+                                      batch["crop_top_left"][:, :K].flatten(0, 1).cpu(), self.resolution)  # fmt: skip
+        return cond | {k: v.to(self.device) for k, v in micro.items()}
+
+    def latents(self, batch: dict, K: int, eps: torch.Tensor) -> torch.Tensor:
+        """x0 [B, K, ...] float32: each candidate's VAE posterior sample drawn with its eps."""
+        bb = self.backbone
+        if "latent_mean" in batch:  # from the cache
+            mean, std = batch["latent_mean"][:, :K].flatten(0, 1), batch["latent_std"][:, :K].flatten(0, 1)
+        else:
+            mean, std = bb.latent_posterior(batch["pixel_values"][:, :K].flatten(0, 1))
+        x0 = bb.latents_from_posterior(mean.float(), std.float(), eps.flatten(0, 1).to(self.device)).float()
+        return x0.view(batch["phi"].shape[0], K, *x0.shape[1:])
+
+    def next(self, batch: dict, micro: int, policy=None, reference=None) -> Experience:
+        K = self.candidates or batch["phi"].shape[1]
+        B = batch["phi"].shape[0]
+        shape = self._latent_shape(batch)
+        t, noise, eps = item_noise(self.backbone.process, self.seed, self.positions(micro, B), K, shape,
+                                   self.per_candidate_noise)  # fmt: skip
+        x0 = self.latents(batch, K, eps)
+        t, noise = t.to(self.device), noise.to(self.device)
+        cond = self.conditioning(batch, K)
+        phi = batch["phi"][:, :K].to(self.device, torch.float32)
+        return Experience(phi=phi, energy=lambda model: mse_energy(self.backbone, model, x0, noise, t, cond))
+
+    def _latent_shape(self, batch: dict) -> tuple[int, ...]:
+        if "latent_mean" in batch:
+            return tuple(batch["latent_mean"].shape[2:])
+        return self.backbone.latent_shape(*batch["pixel_values"].shape[-2:])
+
+
+class GeneratedSource(OfflineSource):
+    """The data's preferred candidate against one sampled now, from the same prompt, by the module
+    `generator(policy, reference)` yields (default: the reference's); the sample is noised with the
+    winner's noise and timestep. Its seeds are a function of (seed, stream position)."""
+
+    kind = "generated"
+
+    def __init__(self, *args, steps: int = 20, guidance: float = 5.0, eta: float = 0.0, generator: str = "reference",
+                 sample_batch: int = 1, **kwargs):  # fmt: skip
+        super().__init__(*args, candidates=1, **kwargs)
+        self.steps, self.guidance, self.eta, self.generator = steps, guidance, eta, generator
+        self.sample_batch = sample_batch
+
+    def generation_seeds(self, positions: list[int]) -> list[int]:
+        return [stream_seed(self.seed, "generate", p) for p in positions]
+
+    @torch.no_grad()
+    def generate(self, module, prompts: list[str], positions: list[int]) -> torch.Tensor:
+        from diffalign.sampling import sample
+
+        out = sample(self.backbone, module, prompts, self.generation_seeds(positions), steps=self.steps,
+                     guidance=self.guidance, eta=self.eta, height=self.resolution, width=self.resolution,
+                     batch_size=self.sample_batch)  # fmt: skip
+        return out.latents.float()
+
+    def next(self, batch: dict, micro: int, policy=None, reference=None) -> Experience:
+        B = batch["phi"].shape[0]
+        positions = self.positions(micro, B)
+        shape = self._latent_shape(batch)
+        t, noise, eps = item_noise(self.backbone.process, self.seed, positions, 1, shape)
+        winner = self.latents(batch, 1, eps)  # [B, 1, ...]
+        prompts = [item[0] for item in batch["captions"]]
+        if self.generator == "policy":
+            generated = self.generate(policy, prompts, positions)
+        else:
+            with reference.model(policy) as module:
+                if module is None:
+                    raise ValueError("experience.generator=reference needs a reference model")
+                generated = self.generate(module, prompts, positions)
+        x0 = torch.cat([winner, generated.to(winner.device).unsqueeze(1)], dim=1)
+        t, noise = t.to(self.device), noise.to(self.device)
+        # both candidates share the prompt; the winner keeps the data's micro-conditioning, the sample gets
+        # the sampler's default (SDXL: its own size, no crop)
+        win = self.conditioning(batch, 1)
+        gen = {k: v.to(self.device) for k, v in self.backbone.sampling_conditioning(B, self.resolution,
+                                                                                   self.resolution).items()}  # fmt: skip
+        cond = {k: torch.stack([v, gen.get(k, v).to(v.dtype)], dim=1).flatten(0, 1) for k, v in win.items()}
+        phi = torch.tensor([[1.0, 0.0]], device=self.device).expand(B, 2)
+        return Experience(phi=phi, energy=lambda model: mse_energy(self.backbone, model, x0, noise, t, cond))
