@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from diffalign.data.phi import phi_from_rank, ranks_from_phi, soft_preference, win_counts
 from diffalign.synpic.config import ConfigError, load_config
-from diffalign.synpic.phi import ranks_from_phi, soft_preference, win_counts
 
 
 def test_phi_matches_a_hand_computation_with_ties():
@@ -26,6 +26,15 @@ def test_phi_matches_a_hand_computation_with_ties():
     assert soft_preference(np.stack([scores, -scores])).shape == (2, 4)
     with pytest.raises(ValueError):
         soft_preference(np.ones((2, 1)))
+    # a NaN score never wins and is never beaten
+    assert soft_preference(np.array([[np.nan, 1.0, 0.0]])).tolist() == [0.0, 0.5, 0.0]
+
+
+def test_phi_from_rank_is_the_rank_as_one_lower_is_better_scorer():
+    assert phi_from_rank([2, 0, 1]).tolist() == [0.0, 1.0, 0.5]
+    assert np.allclose(phi_from_rank([0, 1, 1, 3]), [1.0, 1 / 3, 1 / 3, 0.0])  # ties: no credit to either
+    ranks = np.array([[0, 1, 1, 3], [3, 0, 2, 1]])
+    assert (ranks_from_phi(phi_from_rank(ranks)) == ranks).all()  # batched, and the way back
 
 
 GOOD = {"generators": [{"type": "toy_render"}, {"type": "toy_render", "name": "b"}], "scorers": ["toy"]}

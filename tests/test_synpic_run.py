@@ -11,10 +11,10 @@ import pytest
 import yaml
 from PIL import Image
 
+from diffalign.data.phi import ranks_from_phi, soft_preference
 from diffalign.data.schema import RANKED_COLUMNS
 from diffalign.synpic.config import ConfigError, load_config
 from diffalign.synpic.generators import ToyRenderGenerator
-from diffalign.synpic.phi import ranks_from_phi, soft_preference
 from diffalign.synpic.run import build_generators, run, shard_files
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from diffalign.data import schema
 from diffalign.data.config import DataConfig
+from diffalign.data.phi import phi_from_rank, soft_preference
 from diffalign.data.sources import (
     DataFormatError,
     ListSource,
@@ -87,29 +88,22 @@ def _check_columns(src: RowSource, wanted: dict[str, tuple[str, Any, str]], fmt:
 # ------------------------------------------------------------------------------------- preference maths
 
 
-def phi_from_scores(scores: Any) -> list[float] | None:
-    """Syn-Pic soft preference (methods.md sec. 6): phi_i = wins_i / (n_scorers * (k - 1)), a win being a
-    strictly higher score than another candidate under one scorer. `scores` is {scorer: [k]} or [k]."""
-    per_scorer = list(scores.values()) if isinstance(scores, dict) else [scores]
-    per_scorer = [s for s in per_scorer if s is not None]
-    if not per_scorer:
-        return None
-    k = len(per_scorer[0])
-    if k < 2 or any(len(s) != k for s in per_scorer):
+def _phi_of_scores(scores: Any) -> list[float] | None:
+    """The Syn-Pic phi of a row's `scores` ({scorer: [k]} or [k]; diffalign.data.phi), or None when they
+    cannot give one: no scorer, k < 2, lengths that differ, or a non-finite score (the row is skipped
+    rather than ranked around a NaN)."""
+    per_scorer = [s for s in (scores.values() if isinstance(scores, dict) else [scores]) if s is not None]
+    if not per_scorer or len(per_scorer[0]) < 2 or any(len(s) != len(per_scorer[0]) for s in per_scorer):
         return None
     arr = np.asarray(per_scorer, dtype=np.float64)
-    if not np.isfinite(arr).all():
-        return None
-    wins = (arr[:, :, None] > arr[:, None, :]).sum(axis=(0, 2))
-    return (wins / (len(per_scorer) * (k - 1))).tolist()
+    return soft_preference(arr).tolist() if np.isfinite(arr).all() else None
 
 
-def phi_from_rank(rank: Any) -> list[float] | None:
-    """phi_i = (number of candidates ranked strictly worse than i) / (k - 1); rank 0 = best."""
+def _phi_of_rank(rank: Any) -> list[float] | None:
+    """phi of a row's `rank` (0 = best), or None when it has fewer than 2 entries or a null."""
     if rank is None or len(rank) < 2 or any(r is None for r in rank):
         return None
-    r = np.asarray(rank, dtype=np.float64)
-    return ((r[None, :] > r[:, None]).sum(axis=1) / (len(r) - 1)).tolist()
+    return phi_from_rank(rank).tolist()
 
 
 # ------------------------------------------------------------------------------------------- the dataset
@@ -343,10 +337,10 @@ def _row_phi(cfg: DataConfig, src: RowSource, stats: Counter) -> list[list[float
             continue
         derived = None
         if "scores" in cols and cols["scores"][i] is not None:
-            derived = phi_from_scores(cols["scores"][i])
+            derived = _phi_of_scores(cols["scores"][i])
             stats["phi_from_scores"] += derived is not None
         if derived is None and "rank" in cols:
-            derived = phi_from_rank(cols["rank"][i])
+            derived = _phi_of_rank(cols["rank"][i])
             stats["phi_from_rank"] += derived is not None
         if derived is None:
             stats["missing_phi"] += 1

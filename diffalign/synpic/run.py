@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diffalign.data.phi import ranks_from_phi, soft_preference
 from diffalign.synpic.config import ConfigError, SynPicConfig
-from diffalign.synpic.phi import ranks_from_phi, soft_preference
 
 SHARD_PATTERN = "shard-{:05d}.parquet"
 
