@@ -49,14 +49,21 @@ def _raw(**extra):
 
 
 def test_config_names_the_closest_key():
-    with pytest.raises(ConfigError, match=r"unknown key 'shard_siz' \(did you mean 'shard_size'\?\)"):
+    with pytest.raises(ConfigError, match=r"unknown key 'shard_siz'\. Did you mean 'shard_size'\?"):
         load_config(raw=_raw(shard_siz=3))
-    with pytest.raises(ConfigError, match=r"'generators.1.corupt_p' \(did you mean 'corrupt_p'\?\)"):
+    with pytest.raises(ConfigError, match=r"'generators.1.corupt_p'\. Did you mean 'generators.1.corrupt_p'\?"):
         load_config(raw=_raw(), overrides=["generators.1.corupt_p=0.5"])
     raw = _raw()
     raw["generators"].append({"type": "diffusers", "model": "x", "stpes": 3})
-    with pytest.raises(ConfigError, match=r"did you mean 'steps'"):
+    # the tagged union member named by `type` gives the valid keys, and only its own
+    with pytest.raises(ConfigError, match=r"Did you mean 'generators.2.steps'\? Valid keys here: batch_size, ") as err:
         load_config(raw=raw)
+    assert "corrupt_p" not in str(err.value)
+    raw["generators"][2] = {"type": "difusers", "model": "x"}
+    with pytest.raises(ConfigError, match=r"generators.2: Input tag 'difusers'.*Did you mean 'diffusers'\?"):
+        load_config(raw=raw)
+    with pytest.raises(ConfigError, match=r"prompts.source: .*Did you mean 'list'\? \(got 'lsit'\)"):
+        load_config(raw=_raw(), overrides=["prompts.source=lsit"])
 
 
 def test_config_overrides_and_checks():
@@ -71,3 +78,16 @@ def test_config_overrides_and_checks():
         load_config(raw={"generators": [{"type": "toy_render"}], "scorers": ["toy"]})
     with pytest.raises(ConfigError, match="dotted.key=value"):
         load_config(raw=_raw(), overrides=["seed"])
+    with pytest.raises(ConfigError, match=r"'generators.2.size': '2' is not an index of a list of 2"):
+        load_config(raw=_raw(), overrides=["generators.2.size=8"])
+    with pytest.raises(ConfigError, match=r"'seed.x': 'seed' is not a section"):
+        load_config(raw=_raw(seed=1), overrides=["seed.x=8"])
+    raw = _raw()
+    load_config(raw=raw, overrides=["generators.0.size=8", "seed=3"])
+    assert raw == GOOD  # the caller's dict is not modified
+
+
+def test_one_config_error_for_every_config():
+    import diffalign.config
+
+    assert ConfigError is diffalign.config.ConfigError
