@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from diffalign.atomic import atomic_path
 from diffalign.data.phi import ranks_from_phi, soft_preference
 
 VERSION = 1
@@ -166,11 +167,10 @@ def make_table(fmt: str, rows: int, seed: int) -> pa.Table:
 
 
 def write_parquet(table: pa.Table, path: str, row_group_size: int = 16) -> str:
-    """Atomic write (tmp + rename) so concurrent readers never see half a file."""
+    """Atomic write, so concurrent readers never see half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp, row_group_size=row_group_size)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=row_group_size)
     return path
 
 

@@ -172,6 +172,7 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 
 def score_main(argv: list[str] | None = None) -> int:
+    from diffalign.atomic import write_atomic
     from diffalign.evaluation import report
     from diffalign.evaluation.layout import LayoutError
     from diffalign.evaluation.runner import (
@@ -228,7 +229,7 @@ def score_main(argv: list[str] | None = None) -> int:
     except (SuiteError, LayoutError, ValueError, KeyError) as e:
         print(f"diffalign score: error: {e}", file=sys.stderr)
         return 2
-    (out / "summary.md").write_text(report.summary_markdown(summary), encoding="utf-8")
+    write_atomic(out / "summary.md", report.summary_markdown(summary))
     if not args.no_report:
         report.write_html_report(summary, {args.name: rows}, out)
     print((out / "summary.md").read_text(encoding="utf-8"))

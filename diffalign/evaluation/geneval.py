@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from diffalign.atomic import write_atomic
 from diffalign.evaluation.geneval_prompts import COLORS, OBJECT_NAMES, TASKS
 from diffalign.evaluation.layout import read_layout
 
@@ -483,7 +484,7 @@ def evaluate_folder(
 def write_results(rows: list[dict], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def read_results(path: str | Path) -> list[dict]:

@@ -32,6 +32,7 @@ def write_dual_caption_data(ranked_source: str | Path, path: str | Path, resolut
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from diffalign.atomic import atomic_path
     from diffalign.data import build_preference_dataset
     from diffalign.data.config import DataConfig
     from diffalign.data.transforms import UnusableImage, decode_image
@@ -63,7 +64,8 @@ def write_dual_caption_data(ranked_source: str | Path, path: str | Path, resolut
     table = pa.table({k: pa.array(v, type=types.get(k, pa.string())) for k, v in cols.items()})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
     return {**ds.stats, **stats, "written": table.num_rows}
 
 
