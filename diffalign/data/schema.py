@@ -18,6 +18,9 @@ DOUBLE_CAPTION_REQUIRED = ("caption_0", "caption_1", "jpg_0", "jpg_1", "label_0"
 RANKED_REQUIRED = ("prompt", "images", "phi")
 RANKED_COLUMNS = ("prompt", "images", "generators", "seeds", "scores", "phi", "rank")
 
+# DataConfig.format values whose rows are pairs (jpg_0, jpg_1 + label_0); the others are ranked lists.
+PAIR_FORMATS = ("pickapic", "double_caption")
+
 # All columns of yuvalkirstain/pickapic_v2 (HF dataset card; methods.md sec. 0.1), in card order.
 PICKAPIC_V2_COLUMNS = (
     "are_different", "best_image_uid", "caption", "created_at", "has_label", "image_0_uid",
