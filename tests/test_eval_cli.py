@@ -123,7 +123,6 @@ def test_limit_and_suite_default_scorers(models, tmp_path, monkeypatch):
     from diffalign.rewards import base as rewards_base
 
     monkeypatch.setitem(rewards_base._REGISTRY, "brightness", lambda **kw: Brightness())
-    monkeypatch.setattr(rewards_base, "_import_builtin", lambda: None)
     out = tmp_path / "run"
     assert _run(["--model", models["base"], "--suite", models["suite"], "--out", out, "--limit", "1", "--no-report"]) == 0
     label = next(p.name for p in out.iterdir() if p.is_dir())

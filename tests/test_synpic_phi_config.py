@@ -91,3 +91,19 @@ def test_one_config_error_for_every_config():
     import diffalign.config
 
     assert ConfigError is diffalign.config.ConfigError
+
+
+def test_every_generator_type_and_named_prompt_source_resolves():
+    """The config's `type` tags and the lazy GENERATORS table agree, and every string names a class."""
+    import typing
+
+    from diffalign.lazy import load_attr
+    from diffalign.synpic.config import GeneratorConfig, PromptsConfig
+    from diffalign.synpic.generators import GENERATORS
+    from diffalign.synpic.run import PROMPT_FUNCTIONS
+
+    members = typing.get_args(typing.get_args(GeneratorConfig)[0])
+    assert {typing.get_args(m.model_fields["type"].annotation)[0] for m in members} == set(GENERATORS)
+    assert all(isinstance(load_attr(target), type) for target in GENERATORS.values())
+    assert set(PROMPT_FUNCTIONS) <= set(typing.get_args(PromptsConfig.model_fields["source"].annotation))
+    assert load_attr(PROMPT_FUNCTIONS["toy"])()[0] == "a red circle"

@@ -14,8 +14,8 @@ from PIL import Image
 from diffalign.data.phi import ranks_from_phi, soft_preference
 from diffalign.data.schema import RANKED_COLUMNS
 from diffalign.synpic.config import ConfigError, load_config
-from diffalign.synpic.generators import ToyRenderGenerator
 from diffalign.synpic.run import build_generators, run, shard_files
+from diffalign.toy.generators import ToyRenderGenerator
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -30,9 +30,14 @@ import numpy as np
 
 from diffalign.atomic import atomic_path, remove_temps, write_atomic
 from diffalign.data.phi import ranks_from_phi, soft_preference
+from diffalign.lazy import load_attr
 from diffalign.synpic.config import ConfigError, SynPicConfig
+from diffalign.synpic.generators import GENERATORS
 
 SHARD_PATTERN = "shard-{:05d}.parquet"
+
+#: prompt sources that are a function returning the prompt list ("package.module:attr", imported when used)
+PROMPT_FUNCTIONS = {"toy": "diffalign.toy.world:all_prompts"}
 
 
 # --- prompts ----------------------------------------------------------------------------------------
@@ -41,10 +46,8 @@ SHARD_PATTERN = "shard-{:05d}.parquet"
 def load_prompts(cfg: SynPicConfig) -> list[str]:
     """The run's prompt list: one entry per output row (after dedupe, limit and repeats)."""
     p = cfg.prompts
-    if p.source == "toy":
-        from diffalign.toy.world import all_prompts
-
-        prompts = all_prompts()
+    if p.source in PROMPT_FUNCTIONS:
+        prompts = load_attr(PROMPT_FUNCTIONS[p.source])()
     elif p.source == "list":
         prompts = list(p.items or [])
     elif p.source == "file" and Path(p.path).suffix == ".txt":
@@ -74,18 +77,10 @@ def load_prompts(cfg: SynPicConfig) -> list[str]:
 
 
 def build_generators(cfg: SynPicConfig) -> list:
-    from diffalign.synpic.generators import DiffusersGenerator, ToyRenderGenerator, ToySamplerGenerator
-
-    classes = {
-        "toy_render": ToyRenderGenerator,
-        "toy_sampler": ToySamplerGenerator,
-        "diffusers": DiffusersGenerator,
-    }
-    return [classes[g.type](**g.model_dump(exclude={"type"})) for g in cfg.generators]
+    return [load_attr(GENERATORS[g.type])(**g.model_dump(exclude={"type"})) for g in cfg.generators]
 
 
 def build_scorers(cfg: SynPicConfig) -> list:
-    import diffalign.toy.reward  # noqa: F401  (registers "toy" until diffalign.rewards imports it)
     from diffalign.rewards import create_scorer
 
     return [create_scorer(s.name, **s.kwargs) for s in cfg.scorers]
