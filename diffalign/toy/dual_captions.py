@@ -1,6 +1,6 @@
 """DCPO data for the toy world: the (best, worst) pair of every toy Syn-Pic row, each image with its own caption.
 
-DCPO (methods.md sec. 4) trains Diffusion-DPO with one caption per image. Its DCPO-c variant has a captioner
+DCPO trains Diffusion-DPO with one caption per image. Its DCPO-c variant has a captioner
 describe each image; in the toy world the captioner is exact: the toy reward's reading of the image's colour
 and shape ("a red square"). An image whose object the reward cannot find (no foreground) keeps the prompt,
 and is counted. The pairs are the ones the ranked loader trains on (`ranked_as_pairs`: first of the best,
