@@ -117,6 +117,10 @@ def test_eval_end_to_end_resume_and_compare(models, tmp_path, capsys):
     # other settings into the same folder are refused
     assert _run([*args, "--steps", "3"]) == 2
     assert "other settings" in capsys.readouterr().err
+    # a run.json left empty by a kill (older versions rewrote it in place) is one clear error, not a traceback
+    (out / "tuned" / "run.json").write_text("")
+    assert _run(args) == 2
+    assert f"{out / 'tuned' / 'run.json'} is empty or unreadable" in capsys.readouterr().err
 
 
 def test_limit_and_suite_default_scorers(models, tmp_path, monkeypatch):

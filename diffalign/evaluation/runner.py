@@ -64,7 +64,10 @@ def generate_images(
         try:
             old = json.loads(run_file.read_text(encoding="utf-8"))
         except ValueError:  # left empty by a kill under an older version (it is written atomically now)
-            raise ResumeMismatch(f"{run_file} is unreadable; delete it to resume, or use another --out") from None
+            raise ResumeMismatch(
+                f"{run_file} is empty or unreadable (a killed run?); use another --out, or delete it to resume "
+                "if the images there were made with these settings"
+            ) from None
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if diff:
             raise ResumeMismatch(

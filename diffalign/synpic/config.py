@@ -20,8 +20,9 @@ class _Strict(BaseModel):
 
 
 class PromptsConfig(_Strict):
-    #: toy: the toy world's 18 prompts (diffalign.synpic.run.PROMPT_FUNCTIONS); list: `items`; file: `path` (.txt one per line, or
-    #: .jsonl/.json/.csv/.parquet with `column`); hf: a datasets name or folder `path` (`split`, `column`).
+    #: toy: the toy world's 18 prompts (diffalign.synpic.run.PROMPT_FUNCTIONS); list: `items`; file: `path`
+    #: (.txt one per line, or .jsonl/.json/.csv/.parquet with `column`); hf: a datasets name or folder `path`
+    #: (`split`, `column`).
     source: Literal["toy", "list", "file", "hf"] = "toy"
     items: list[str] | None = None
     path: str | None = None
