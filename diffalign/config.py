@@ -14,11 +14,9 @@ from typing import Any, Literal
 import pydantic
 import yaml
 
+from diffalign.configio import ConfigError as ConfigError  # re-exported: one class for every config
+from diffalign.configio import load
 from diffalign.data.config import DataConfig
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message says what to fix."""
 
 
 class _Section(pydantic.BaseModel):
@@ -221,78 +219,9 @@ class Config(_Section):
 # ---- loading -------------------------------------------------------------------------------------
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        if not isinstance(node.get(k), dict):
-            node[k] = {}
-        node = node[k]
-    node[keys[-1]] = value
-
-
-def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """`a.b=1` -> ("a.b", 1); values are parsed as YAML, so numbers, booleans, lists and null work."""
-    out = []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key.path=value")
-        key, raw = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
-    return out
-
-
-def _section_fields(model: type[pydantic.BaseModel], loc: tuple) -> list[str]:
-    """Field names valid at `loc` (a pydantic error location), for 'did you mean' hints."""
-    cls = model
-    for part in loc[:-1]:
-        field = cls.model_fields.get(str(part)) if isinstance(part, str) else None
-        if field is None:
-            return []
-        ann = field.annotation
-        args = getattr(ann, "__args__", ())
-        cls = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, pydantic.BaseModel)), None)
-        if cls is None:
-            return []
-    return list(cls.model_fields)
-
-
-def format_validation_error(err: pydantic.ValidationError, model: type[pydantic.BaseModel] = Config) -> str:
-    lines = []
-    for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged-"))))
-        where = ".".join(str(p) for p in loc) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(str(loc[-1]), _section_fields(model, loc), n=1)
-            hint = f" Did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
-            lines.append(f"- unknown key {where!r}.{hint}")
-        elif e["type"] == "missing":
-            lines.append(f"- missing required key {where!r}")
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            got = e.get("input")
-            got_s = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
-            lines.append(f"- {where}: {msg}{got_s}")
-    return "invalid config:\n" + "\n".join(lines)
-
-
 def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> Config:
-    """Load a YAML file (or a dict), apply `key.path=value` overrides, validate."""
-    if isinstance(source, dict):
-        tree = yaml.safe_load(yaml.safe_dump(source))  # deep copy through plain types
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} not found")
-        tree = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: the top level of a config must be a mapping")
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value)
-    try:
-        return Config.model_validate(tree)
-    except pydantic.ValidationError as err:
-        raise ConfigError(format_validation_error(err)) from None
+    """Load a YAML file (or a dict), apply `key.path=value` overrides, validate (diffalign.configio)."""
+    return load(Config, source, overrides)
 
 
 def weight_dtype(mixed_precision: str):

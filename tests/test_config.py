@@ -35,11 +35,16 @@ def test_wrong_types_say_which_field():
         load_config(base, ["train.batch_size=two"])
     with pytest.raises(ConfigError, match=r"optim.lr: .*greater than 0"):
         load_config(base, ["optim.lr=-1"])
+    with pytest.raises(ConfigError, match=r"model.family: .*Did you mean 'sdxl'\? \(got 'sdx'\)"):
+        load_config(base, ["model.family=sdx"])
 
 
 def test_overrides_parse_yaml_values():
     cfg = load_config(ROOT / "configs" / "tiny_dpo.yaml", ["train.max_steps=3", "lora=null", "optim.adam_betas=[0.8, 0.9]"])
     assert cfg.train.max_steps == 3 and cfg.lora is None and cfg.optim.adam_betas == (0.8, 0.9)
+    # list indices, and a section created under a null one
+    cfg = load_config(ROOT / "configs" / "tiny_dpo.yaml", ["validation.prompts=[a, b]", "validation.prompts.1=c", "lora=null", "lora.rank=2"])
+    assert cfg.validation.prompts == ["a", "c"] and cfg.lora.rank == 2
 
 
 def test_inconsistent_choices_are_refused():

@@ -149,6 +149,15 @@ def test_ranked_phi_derived_from_scores_or_rank_and_missing(tmp_path):
     assert (
         ds.stats["phi_from_scores"] == 1 and ds.stats["phi_from_rank"] == 1 and ds.stats["missing_phi"] == 1
     )
+    # scores with a NaN or of different lengths give no phi (unlike Syn-Pic, the loader does not rank
+    # around a NaN): rank is used when there is one, else the row is skipped
+    rows = [
+        {"prompt": "nan", "images": im, "scores": {"a": [0.1, float("nan"), 0.2]}, "rank": [1, 2, 0]},
+        {"prompt": "len", "images": im, "scores": {"a": [0.1, 0.2, 0.3], "b": [0.1, 0.2]}, "rank": None},
+    ]
+    ds = build_preference_dataset(DataConfig(format="ranked", source=write(ranked_table(rows), tmp_path / "e.parquet"), resolution=16))
+    assert len(ds) == 1 and ds[0]["phi"].tolist() == [1.0, 0.5, 0.0] and ds.stats["phi_from_rank"] == 1
+    assert ds.stats["phi_from_scores"] == 0 and ds.stats["missing_phi"] == 1
     no_pref = write(ranked_table([{"prompt": "x", "images": im}]), tmp_path / "n.parquet")
     with pytest.raises(
         DataFormatError, match=r"missing a preference column, one of \['phi', 'scores', 'rank'\]"

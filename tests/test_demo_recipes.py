@@ -94,8 +94,8 @@ def test_pixel_folder_round_trip(tmp_path):
 
 
 def test_toy_sampler_uses_the_model_folders_noise_schedule(tmp_path):
-    from diffalign.synpic.generators import ToySamplerGenerator
     from diffalign.toy.base import QUICK_RECIPE, build_init_backbone
+    from diffalign.toy.generators import ToySamplerGenerator
 
     for pred in ("sample", "epsilon"):
         build_init_backbone(replace(QUICK_RECIPE, prediction_type=pred)).save_pretrained(tmp_path / pred)

@@ -117,13 +117,16 @@ def test_eval_end_to_end_resume_and_compare(models, tmp_path, capsys):
     # other settings into the same folder are refused
     assert _run([*args, "--steps", "3"]) == 2
     assert "other settings" in capsys.readouterr().err
+    # a run.json left empty by a kill (older versions rewrote it in place) is one clear error, not a traceback
+    (out / "tuned" / "run.json").write_text("")
+    assert _run(args) == 2
+    assert f"{out / 'tuned' / 'run.json'} is empty or unreadable" in capsys.readouterr().err
 
 
 def test_limit_and_suite_default_scorers(models, tmp_path, monkeypatch):
     from diffalign.rewards import base as rewards_base
 
     monkeypatch.setitem(rewards_base._REGISTRY, "brightness", lambda **kw: Brightness())
-    monkeypatch.setattr(rewards_base, "_import_builtin", lambda: None)
     out = tmp_path / "run"
     assert _run(["--model", models["base"], "--suite", models["suite"], "--out", out, "--limit", "1", "--no-report"]) == 0
     label = next(p.name for p in out.iterdir() if p.is_dir())

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from diffalign.data.phi import phi_from_rank, ranks_from_phi, soft_preference, win_counts
 from diffalign.synpic.config import ConfigError, load_config
-from diffalign.synpic.phi import ranks_from_phi, soft_preference, win_counts
 
 
 def test_phi_matches_a_hand_computation_with_ties():
@@ -26,6 +26,15 @@ def test_phi_matches_a_hand_computation_with_ties():
     assert soft_preference(np.stack([scores, -scores])).shape == (2, 4)
     with pytest.raises(ValueError):
         soft_preference(np.ones((2, 1)))
+    # a NaN score never wins and is never beaten
+    assert soft_preference(np.array([[np.nan, 1.0, 0.0]])).tolist() == [0.0, 0.5, 0.0]
+
+
+def test_phi_from_rank_is_the_rank_as_one_lower_is_better_scorer():
+    assert phi_from_rank([2, 0, 1]).tolist() == [0.0, 1.0, 0.5]
+    assert np.allclose(phi_from_rank([0, 1, 1, 3]), [1.0, 1 / 3, 1 / 3, 0.0])  # ties: no credit to either
+    ranks = np.array([[0, 1, 1, 3], [3, 0, 2, 1]])
+    assert (ranks_from_phi(phi_from_rank(ranks)) == ranks).all()  # batched, and the way back
 
 
 GOOD = {"generators": [{"type": "toy_render"}, {"type": "toy_render", "name": "b"}], "scorers": ["toy"]}
@@ -40,14 +49,21 @@ def _raw(**extra):
 
 
 def test_config_names_the_closest_key():
-    with pytest.raises(ConfigError, match=r"unknown key 'shard_siz' \(did you mean 'shard_size'\?\)"):
+    with pytest.raises(ConfigError, match=r"unknown key 'shard_siz'\. Did you mean 'shard_size'\?"):
         load_config(raw=_raw(shard_siz=3))
-    with pytest.raises(ConfigError, match=r"'generators.1.corupt_p' \(did you mean 'corrupt_p'\?\)"):
+    with pytest.raises(ConfigError, match=r"'generators.1.corupt_p'\. Did you mean 'generators.1.corrupt_p'\?"):
         load_config(raw=_raw(), overrides=["generators.1.corupt_p=0.5"])
     raw = _raw()
     raw["generators"].append({"type": "diffusers", "model": "x", "stpes": 3})
-    with pytest.raises(ConfigError, match=r"did you mean 'steps'"):
+    # the tagged union member named by `type` gives the valid keys, and only its own
+    with pytest.raises(ConfigError, match=r"Did you mean 'generators.2.steps'\? Valid keys here: batch_size, ") as err:
         load_config(raw=raw)
+    assert "corrupt_p" not in str(err.value)
+    raw["generators"][2] = {"type": "difusers", "model": "x"}
+    with pytest.raises(ConfigError, match=r"generators.2: Input tag 'difusers'.*Did you mean 'diffusers'\?"):
+        load_config(raw=raw)
+    with pytest.raises(ConfigError, match=r"prompts.source: .*Did you mean 'list'\? \(got 'lsit'\)"):
+        load_config(raw=_raw(), overrides=["prompts.source=lsit"])
 
 
 def test_config_overrides_and_checks():
@@ -62,3 +78,32 @@ def test_config_overrides_and_checks():
         load_config(raw={"generators": [{"type": "toy_render"}], "scorers": ["toy"]})
     with pytest.raises(ConfigError, match="dotted.key=value"):
         load_config(raw=_raw(), overrides=["seed"])
+    with pytest.raises(ConfigError, match=r"'generators.2.size': '2' is not an index of a list of 2"):
+        load_config(raw=_raw(), overrides=["generators.2.size=8"])
+    with pytest.raises(ConfigError, match=r"'seed.x': 'seed' is not a section"):
+        load_config(raw=_raw(seed=1), overrides=["seed.x=8"])
+    raw = _raw()
+    load_config(raw=raw, overrides=["generators.0.size=8", "seed=3"])
+    assert raw == GOOD  # the caller's dict is not modified
+
+
+def test_one_config_error_for_every_config():
+    import diffalign.config
+
+    assert ConfigError is diffalign.config.ConfigError
+
+
+def test_every_generator_type_and_named_prompt_source_resolves():
+    """The config's `type` tags and the lazy GENERATORS table agree, and every string names a class."""
+    import typing
+
+    from diffalign.lazy import load_attr
+    from diffalign.synpic.config import GeneratorConfig, PromptsConfig
+    from diffalign.synpic.generators import GENERATORS
+    from diffalign.synpic.run import PROMPT_FUNCTIONS
+
+    members = typing.get_args(typing.get_args(GeneratorConfig)[0])
+    assert {typing.get_args(m.model_fields["type"].annotation)[0] for m in members} == set(GENERATORS)
+    assert all(isinstance(load_attr(target), type) for target in GENERATORS.values())
+    assert set(PROMPT_FUNCTIONS) <= set(typing.get_args(PromptsConfig.model_fields["source"].annotation))
+    assert load_attr(PROMPT_FUNCTIONS["toy"])()[0] == "a red circle"

@@ -11,11 +11,11 @@ import pytest
 import yaml
 from PIL import Image
 
+from diffalign.data.phi import ranks_from_phi, soft_preference
 from diffalign.data.schema import RANKED_COLUMNS
 from diffalign.synpic.config import ConfigError, load_config
-from diffalign.synpic.generators import ToyRenderGenerator
-from diffalign.synpic.phi import ranks_from_phi, soft_preference
 from diffalign.synpic.run import build_generators, run, shard_files
+from diffalign.toy.generators import ToyRenderGenerator
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -120,6 +120,39 @@ def test_a_different_config_is_refused_in_the_same_dir(tmp_path, baseline):
     with pytest.raises(ConfigError, match="different Syn-Pic run"):
         run(_cfg(out, seed=12), progress=False)
     assert run(_cfg(out, seed=12), overwrite=True, progress=False)["rows"] == 36
+
+
+def test_a_kill_while_writing_run_json_does_not_break_the_rerun(tmp_path, monkeypatch):
+    """The first file a run writes is run.json; a kill in the middle of writing it (the file opened, so
+    emptied, and nothing written) must not leave an empty run.json that every rerun then trips over."""
+    cfg = _cfg(tmp_path / "killed", prompts={"source": "toy", "limit": 2})
+
+    def killed(self, *args, **kwargs):
+        open(self, "w").close()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, progress=False)
+    monkeypatch.undo()
+    assert not (Path(cfg.output_dir) / "run.json").exists()
+    assert not list(Path(cfg.output_dir).glob(".*tmp*"))
+    assert run(cfg, progress=False)["rows"] == 2
+
+
+def test_an_unreadable_run_json_says_what_to_do(tmp_path, capsys):
+    """An empty run.json, as an older version could leave, is one clear line naming it and --overwrite."""
+    from diffalign.synpic.cli import main
+
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "run.json").write_text("")
+    cfg_file = tmp_path / "synpic.yaml"
+    cfg_file.write_text(yaml.safe_dump({**RAW, "prompts": {"source": "toy", "limit": 2}}))
+    assert main([str(cfg_file), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(out / "run.json") in err and "--overwrite" in err, err
+    assert main([str(cfg_file), "--out", str(out), "--no-progress", "--overwrite"]) == 0
 
 
 def _cli_env():

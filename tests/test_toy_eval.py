@@ -141,7 +141,7 @@ def test_the_paired_test_separates_a_right_generator_from_a_wrong_one(tmp_path):
     from diffalign.evaluation.cli import build_scorers
     from diffalign.evaluation.runner import ModelRun, run_eval
     from diffalign.evaluation.suites import load_suite
-    from diffalign.synpic.generators import ToyRenderGenerator
+    from diffalign.toy.generators import ToyRenderGenerator
 
     suite = load_suite("toyworld")
     right, wrong = ToyRenderGenerator(size=16), ToyRenderGenerator(size=16, corrupt_p=1.0)

@@ -65,9 +65,21 @@ def test_empty_and_unsupported_inputs():
         toy_reward_details(np.zeros((1, 16, 16, 3), np.uint8), ["a dog"])
 
 
-def test_registered_scorer_accepts_pil_and_tensors():
-    import diffalign.toy.reward  # noqa: F401  (until diffalign.rewards imports it)
+def test_toy_scorers_are_registered_by_lazy_name():
+    import diffalign.rewards
+    from diffalign.toy.reward import FIELD_SCORERS, ToyFieldScorer, ToyScorer
 
+    names = {n for n in diffalign.rewards.LAZY_SCORERS if n.startswith("toy")}
+    assert names == {"toy", *(f"toy_{f}" for f in FIELD_SCORERS)}
+    assert names <= set(diffalign.rewards.available_scorers())
+    assert type(create_scorer("toy")) is ToyScorer
+    s = create_scorer("toy_correct", batch_size=7, device="cpu")
+    assert type(s) is ToyFieldScorer and s.name == "toy_correct" and s.binary and s.batch_size == 7
+    with pytest.raises(ValueError, match="registered twice"):
+        diffalign.rewards.register_scorer("toy")(ToyScorer)
+
+
+def test_registered_scorer_accepts_pil_and_tensors():
     scorer = create_scorer("toy")
     prompts = world.all_prompts()
     arr = world.render_batch(prompts, range(18), 16)

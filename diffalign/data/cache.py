@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from diffalign.atomic import atomic_path, remove_temps, write_atomic
 from diffalign.data.dataset import item_draws
 
 INDEX = "index.json"
@@ -82,6 +82,7 @@ def build_cache(cfg, backbone=None, device: str | None = None, shard_items: int 
     ds = build_preference_dataset(cfg.data, seed=cfg.train.seed)
     out = cache_dir_for(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    remove_temps(out)  # shards of a killed build
     flips = [False, True] if cfg.data.random_flip else [False]
     items: dict[str, str] = {}
     captions: dict[str, str] = {}
@@ -103,9 +104,8 @@ def build_cache(cfg, backbone=None, device: str | None = None, shard_items: int 
                 for k, v in enc.items():
                     tensors[f"c.{cid}.{k}"] = v[j].to(dtype).cpu().contiguous()
                 captions[cid] = name
-        tmp = out / (name + ".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, out / name)
+        with atomic_path(out / name) as tmp:
+            save_file(tensors, str(tmp))
         shard += 1
         pending_items, pending_caps = {}, {}
 
@@ -137,9 +137,7 @@ def build_cache(cfg, backbone=None, device: str | None = None, shard_items: int 
     flush()
     index = {"fingerprint": fingerprint(cfg, backbone, len(ds)), "n_items": len(ds), "items": items,
              "captions": captions, "cond_keys": cond_keys, "skipped": len(ds) - len(items)}
-    tmp = out / (INDEX + ".tmp")
-    tmp.write_text(json.dumps(index))
-    os.replace(tmp, out / INDEX)
+    write_atomic(out / INDEX, json.dumps(index))
     return out
 
 

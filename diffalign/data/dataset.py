@@ -1,118 +1,28 @@
 """PreferenceDataset: items of K candidates, best first, for every offline preference objective.
 
 Build time reads only the light columns (labels, phi / scores / rank) to decide which rows are usable and
-in which order their candidates go; images are decoded in __getitem__. Everything random (flip, caption
-dropout, random crop) is drawn from numpy's Generator seeded with (seed, epoch, index), so a resumed run
-sees exactly the same data. docs/data.md documents the formats, the counters and the conventions.
+in which order their candidates go (diffalign.data.plan, with the column checks of diffalign.data.columns);
+images are decoded in __getitem__. Everything random (flip, caption dropout, random crop) is drawn from
+numpy's Generator seeded with (seed, epoch, index), so a resumed run sees exactly the same data. docs/data.md documents the formats, the counters and the conventions.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
 from collections import Counter
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 from torch.utils.data import Dataset
 
 from diffalign.data import schema
 from diffalign.data.config import DataConfig
-from diffalign.data.sources import (
-    DataFormatError,
-    ListSource,
-    RowSource,
-    _short_hash,
-    open_source,
-    read_json_rows,
-)
+from diffalign.data.plan import open_data_source, plan_rows
+from diffalign.data.sources import DataFormatError, RowSource
 from diffalign.data.transforms import UnusableImage, check_size, decode_image, transform_item
 
 logger = logging.getLogger(__name__)
-
-PAIR_FORMATS = ("pickapic", "double_caption")
-
-
-# ------------------------------------------------------------------------------------------ type checks
-
-
-def _is_number(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) or pa.types.is_null(t)
-
-
-def _is_text(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
-
-
-def _is_image(t: pa.DataType) -> bool:
-    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or _is_text(t):  # bytes or a path
-        return True
-    return pa.types.is_struct(t) and t.get_field_index("bytes") >= 0  # datasets Image {bytes, path}
-
-
-def _is_list_of(t: pa.DataType, pred) -> bool:
-    return (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) and pred(
-        t.value_type
-    )
-
-
-def _is_scores(t: pa.DataType) -> bool:
-    if _is_list_of(t, _is_number):
-        return True
-    return pa.types.is_struct(t) and all(
-        _is_list_of(t.field(i).type, _is_number) for i in range(t.num_fields)
-    )
-
-
-def _check_columns(src: RowSource, wanted: dict[str, tuple[str, Any, str]], fmt: str) -> None:
-    """wanted: role -> (column, type predicate, expected description). Missing first, then types."""
-    found = src.column_names
-    missing = [col for col, _, _ in wanted.values() if col not in found]
-    if missing:
-        raise DataFormatError(
-            f"{fmt} source {src.description}: missing column(s) {missing}; found columns {found}. "
-            "Rename through data.columns (role -> column) if they are called differently."
-        )
-    for col, pred, expected in wanted.values():
-        t = src.schema.field(col).type
-        if not pred(t):
-            raise DataFormatError(
-                f"{fmt} source {src.description}: column {col!r} has type {t}, expected {expected}"
-            )
-
-
-# ------------------------------------------------------------------------------------- preference maths
-
-
-def phi_from_scores(scores: Any) -> list[float] | None:
-    """Syn-Pic soft preference (methods.md sec. 6): phi_i = wins_i / (n_scorers * (k - 1)), a win being a
-    strictly higher score than another candidate under one scorer. `scores` is {scorer: [k]} or [k]."""
-    per_scorer = list(scores.values()) if isinstance(scores, dict) else [scores]
-    per_scorer = [s for s in per_scorer if s is not None]
-    if not per_scorer:
-        return None
-    k = len(per_scorer[0])
-    if k < 2 or any(len(s) != k for s in per_scorer):
-        return None
-    arr = np.asarray(per_scorer, dtype=np.float64)
-    if not np.isfinite(arr).all():
-        return None
-    wins = (arr[:, :, None] > arr[:, None, :]).sum(axis=(0, 2))
-    return (wins / (len(per_scorer) * (k - 1))).tolist()
-
-
-def phi_from_rank(rank: Any) -> list[float] | None:
-    """phi_i = (number of candidates ranked strictly worse than i) / (k - 1); rank 0 = best."""
-    if rank is None or len(rank) < 2 or any(r is None for r in rank):
-        return None
-    r = np.asarray(rank, dtype=np.float64)
-    return ((r[None, :] > r[:, None]).sum(axis=1) / (len(r) - 1)).tolist()
-
-
-# ------------------------------------------------------------------------------------------- the dataset
 
 
 def item_draws(cfg: DataConfig, seed: int, epoch: int, index: int) -> tuple[np.random.Generator, bool, bool]:
@@ -151,7 +61,7 @@ class PreferenceDataset(Dataset):
         self._build_stats = build_stats
         self._skipped: dict[str, set[int]] = {}
         self._min_side = cfg.effective_min_side()
-        self._pair = cfg.format in PAIR_FORMATS
+        self._pair = cfg.format in schema.PAIR_FORMATS
         if self._pair:
             caps = ["caption_0", "caption_1"] if cfg.format == "double_caption" else ["caption"]
             self._columns = [cfg.column(c) for c in (*caps, "jpg_0", "jpg_1")]
@@ -263,218 +173,11 @@ class PreferenceDataset(Dataset):
         return out
 
 
-# ---------------------------------------------------------------------------------------------- builders
-
-
-def _pair_plan(cfg: DataConfig, src: RowSource, stats: Counter):
-    fmt = cfg.format
-    img_t = "encoded image bytes (binary), an {bytes, path} struct or a path string"
-    wanted = {r: (cfg.column(r), _is_image, img_t) for r in ("jpg_0", "jpg_1")}
-    wanted["label_0"] = (cfg.column("label_0"), _is_number, "a number (float or int)")
-    for r in ("caption_0", "caption_1") if fmt == "double_caption" else ("caption",):
-        wanted[r] = (cfg.column(r), _is_text, "text (string)")
-    _check_columns(src, wanted, fmt)
-    label0 = src.column(cfg.column("label_0"))
-    lab1_col = cfg.column("label_1")
-    label1 = (
-        src.column(lab1_col)
-        if lab1_col in src.column_names and _is_number(src.schema.field(lab1_col).type)
-        else None
-    )
-    rows, orders, phis = [], [], []
-    for i, l0 in enumerate(label0):
-        if l0 is None or (isinstance(l0, float) and math.isnan(l0)):
-            stats["nan_label"] += 1
-            continue
-        l0 = float(l0)
-        if not 0.0 <= l0 <= 1.0:
-            stats["label_out_of_range"] += 1
-            continue
-        if label1 is not None and label1[i] is not None and abs(l0 + float(label1[i]) - 1.0) > 1e-6:
-            stats["label_mismatch"] += 1  # kept: label_0 decides
-        if l0 == 0.5:
-            stats["ties"] += 1
-            if cfg.drop_ties:
-                continue
-            rows.append(i), orders.append((0, 1)), phis.append((0.5, 0.5))
-            continue
-        if l0 not in (0.0, 1.0):
-            stats["soft_label"] += 1  # kept: the side above 0.5 wins
-        rows.append(i)
-        orders.append((0, 1) if l0 > 0.5 else (1, 0))
-        phis.append((1.0, 0.0))
-    n_images = np.full(len(rows), 2, dtype=np.int64)
-    return rows, orders, phis, n_images
-
-
-def _row_phi(cfg: DataConfig, src: RowSource, stats: Counter) -> list[list[float] | None]:
-    names = src.column_names
-    have = {r: cfg.column(r) in names for r in schema.RANKED_PREFERENCE_SOURCES}
-    if not any(have.values()):
-        cols = [cfg.column(r) for r in schema.RANKED_PREFERENCE_SOURCES]
-        raise DataFormatError(
-            f"{cfg.format} source {src.description}: missing a preference column, one of {cols}; "
-            f"found columns {names}"
-        )
-    checks = {
-        "phi": (_is_list_of, "a list of numbers"),
-        "scores": (None, "{scorer: list of numbers} or a list of numbers"),
-        "rank": (_is_list_of, "a list of integers"),
-    }
-    for role, ok in have.items():
-        if ok:
-            t = src.schema.field(cfg.column(role)).type
-            good = _is_scores(t) if role == "scores" else checks[role][0](t, _is_number)
-            if not good:
-                raise DataFormatError(
-                    f"{cfg.format} source {src.description}: column {cfg.column(role)!r} has type {t}, "
-                    f"expected {checks[role][1]}"
-                )
-    cols = {r: src.column(cfg.column(r)) for r, ok in have.items() if ok}
-    out: list[list[float] | None] = []
-    for i in range(src.num_rows):
-        phi = cols["phi"][i] if "phi" in cols else None
-        if phi is not None:
-            if any(p is None or not math.isfinite(float(p)) for p in phi):
-                stats["nan_phi"] += 1
-                out.append(None)
-                continue
-            out.append([float(p) for p in phi])
-            continue
-        derived = None
-        if "scores" in cols and cols["scores"][i] is not None:
-            derived = phi_from_scores(cols["scores"][i])
-            stats["phi_from_scores"] += derived is not None
-        if derived is None and "rank" in cols:
-            derived = phi_from_rank(cols["rank"][i])
-            stats["phi_from_rank"] += derived is not None
-        if derived is None:
-            stats["missing_phi"] += 1
-        out.append(derived)
-    return out
-
-
-def _ranked_plan(cfg: DataConfig, src: RowSource, stats: Counter):
-    wanted = {
-        "prompt": (cfg.column("prompt"), _is_text, "text (string)"),
-        "images": (
-            cfg.column("images"),
-            lambda t: _is_list_of(t, _is_image),
-            "a list of images (bytes/paths)",
-        ),
-    }
-    _check_columns(src, wanted, cfg.format)
-    all_phi = _row_phi(cfg, src, stats)
-    ks = sorted({len(p) for p in all_phi if p is not None and len(p) >= 2})
-    if len(ks) > 1 and not cfg.ranked_as_pairs:
-        raise DataFormatError(
-            f"{cfg.format} source {src.description}: rows hold different numbers of candidates K={ks}; a batch "
-            "needs one K. Filter the rows to one K, or set ranked_as_pairs: true to train on (best, worst) pairs."
-        )
-    rows, orders, phis, n_images = [], [], [], []
-    for i, phi in enumerate(all_phi):
-        if phi is None:
-            continue
-        if len(phi) < 2:
-            stats["too_few_candidates"] += 1
-            continue
-        p = np.asarray(phi, dtype=np.float64)
-        gap = float(p.max() - p.min())
-        if cfg.ranked_as_pairs:
-            best = int(np.argmax(p))  # first of the best
-            worst = len(p) - 1 - int(np.argmin(p[::-1]))  # last of the worst
-            if gap == 0.0:
-                stats["equal_phi"] += 1
-                continue
-            order = (best, worst)
-        else:
-            if gap == 0.0:
-                stats["ties"] += 1
-                if cfg.drop_ties:
-                    continue
-            order = tuple(int(j) for j in np.argsort(-p, kind="stable"))
-        if gap < cfg.min_phi_gap:
-            stats["below_min_phi_gap"] += 1
-            continue
-        rows.append(i), orders.append(order), phis.append(tuple(p[list(order)]))
-        n_images.append(len(phi))
-    return rows, orders, phis, np.asarray(n_images, dtype=np.int64)
-
-
-def _json_source(cfg: DataConfig) -> RowSource:
-    """jsonl (pairs or ranked lists) or HPDv2 train.json, normalised to the ranked layout in memory."""
-    path = cfg.source
-    if not os.path.isfile(path):
-        raise DataFormatError(f"{cfg.format} source {path!r} is not a file")
-    raw = read_json_rows(path)
-    base = os.path.dirname(os.path.abspath(path))
-    rows: list[dict[str, Any]] = []
-    kind = None
-    for n, obj in enumerate(raw, start=1):
-        where = f"{path} {'line' if path.endswith('.jsonl') else 'entry'} {n}"
-        if cfg.format == "hpdv2":
-            need, this = schema.HPDV2_KEYS, "hpdv2"
-        else:
-            this = "pair" if "chosen" in obj or "rejected" in obj else "ranked"
-            need = schema.JSONL_PAIR_KEYS if this == "pair" else schema.JSONL_RANKED_KEYS
-        kind = kind or this
-        if this != kind:
-            raise DataFormatError(f"{where}: mixes a {this} line into a file of {kind} lines")
-        missing = [k for k in need if k not in obj]
-        if this == "ranked" and not any(k in obj for k in schema.RANKED_PREFERENCE_SOURCES):
-            missing.append("phi|scores|rank")
-        if missing:
-            raise DataFormatError(f"{where}: missing key(s) {missing}; found keys {sorted(obj)}")
-        prompt = obj["prompt"]
-        if prompt is not None and not isinstance(prompt, str):
-            raise DataFormatError(f"{where}: 'prompt' must be a string, got {type(prompt).__name__}")
-        if this == "pair":
-            images, pref = [obj["chosen"], obj["rejected"]], {"phi": [1.0, 0.0]}
-        elif this == "hpdv2":
-            images, pref = obj["file_path"], {"phi": obj["human_preference"]}
-        else:
-            images = obj["images"]
-            pref = {k: obj[k] for k in schema.RANKED_PREFERENCE_SOURCES if k in obj}
-        if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-            raise DataFormatError(f"{where}: images must be a list of path strings, got {images!r}")
-        for k, v in pref.items():
-            vals = list(v.values()) if (k == "scores" and isinstance(v, dict)) else [v]
-            for vv in vals:
-                if not isinstance(vv, list) or not all(isinstance(x, (int, float)) or x is None for x in vv):
-                    raise DataFormatError(f"{where}: {k!r} must be a list of numbers, got {v!r}")
-        rows.append({"prompt": prompt, "images": images, **pref})
-    if cfg.format == "hpdv2" and rows and rows[0]["images"]:  # HPDv2 keeps images under <root>/<split>/
-        first = rows[0]["images"][0]
-        if not os.path.exists(os.path.join(base, first)) and os.path.exists(
-            os.path.join(base, cfg.split, first)
-        ):
-            base = os.path.join(base, cfg.split)
-    fields = [("prompt", pa.string()), ("images", pa.list_(pa.string()))]
-    fields += [(k, pa.list_(pa.float64())) for k in ("phi", "rank") if any(k in r for r in rows)]
-    if any("scores" in r for r in rows):
-        fields.append(("scores", pa.list_(pa.float64())))  # a dict of lists is accepted row by row
-    st = os.stat(path)
-    fp = _short_hash("json", os.path.abspath(path), st.st_size, len(rows))
-    return ListSource(rows, pa.schema(fields), os.path.abspath(path), base, fp)
-
-
 def build_preference_dataset(cfg: DataConfig, seed: int = 0) -> PreferenceDataset:
     """Open `cfg.source`, validate its columns, choose the usable rows and order, and return the dataset."""
-    if cfg.source.startswith("builtin:"):
-        from diffalign.data.synthetic import builtin_source
-
-        src = open_source(builtin_source(cfg.format, rows=cfg.builtin_rows, seed=cfg.builtin_seed), cfg.split)
-    elif cfg.format in ("jsonl", "hpdv2") or cfg.source.endswith((".jsonl",)):
-        if cfg.format in PAIR_FORMATS:
-            raise DataFormatError(f"a .jsonl source is read with format 'jsonl', not {cfg.format!r}")
-        src = _json_source(cfg)
-        if cfg.columns or cfg.caption_column:
-            raise DataFormatError("column renames do not apply to jsonl / hpdv2 sources (keys are fixed)")
-    else:
-        src = open_source(cfg.source, cfg.split)
+    src = open_data_source(cfg)
     stats: Counter = Counter(rows_read=src.num_rows)
-    plan = _pair_plan if cfg.format in PAIR_FORMATS else _ranked_plan
-    rows, orders, phis, n_images = plan(cfg, src, stats)
+    rows, orders, phis, n_images = plan_rows(cfg, src, stats)
     if cfg.max_items is not None and len(rows) > cfg.max_items:
         stats["over_max_items"] += len(rows) - cfg.max_items
         rows, orders, phis, n_images = (
@@ -483,7 +186,7 @@ def build_preference_dataset(cfg: DataConfig, seed: int = 0) -> PreferenceDatase
             phis[: cfg.max_items],
             n_images[: cfg.max_items],
         )
-    k = len(orders[0]) if orders else (2 if cfg.format in PAIR_FORMATS or cfg.ranked_as_pairs else 0)
+    k = len(orders[0]) if orders else (2 if cfg.format in schema.PAIR_FORMATS or cfg.ranked_as_pairs else 0)
     ds = PreferenceDataset(
         cfg,
         src,

@@ -9,7 +9,7 @@ Ranked / Syn-Pic (k images per prompt), one row per prompt:
   generators: list[str]          which model made each image
   seeds: list[int]               the seed of each image (provenance and resumability)
   scores: struct{scorer: list[float]}   raw score of each image under each reward model
-  phi: list[float]               soft preference in [0, 1] (methods.md sec. 6), higher is better
+  phi: list[float]               soft preference in [0, 1] (diffalign.data.phi), higher is better
   rank: list[int]                0 = best, derived from phi (ties share the lower rank)
 """
 
@@ -18,7 +18,10 @@ DOUBLE_CAPTION_REQUIRED = ("caption_0", "caption_1", "jpg_0", "jpg_1", "label_0"
 RANKED_REQUIRED = ("prompt", "images", "phi")
 RANKED_COLUMNS = ("prompt", "images", "generators", "seeds", "scores", "phi", "rank")
 
-# All columns of yuvalkirstain/pickapic_v2 (HF dataset card; methods.md sec. 0.1), in card order.
+# DataConfig.format values whose rows are pairs (jpg_0, jpg_1 + label_0); the others are ranked lists.
+PAIR_FORMATS = ("pickapic", "double_caption")
+
+# All columns of yuvalkirstain/pickapic_v2 (HF dataset card), in card order.
 PICKAPIC_V2_COLUMNS = (
     "are_different", "best_image_uid", "caption", "created_at", "has_label", "image_0_uid",
     "image_0_url", "image_1_uid", "image_1_url", "jpg_0", "jpg_1", "label_0", "label_1", "model_0",

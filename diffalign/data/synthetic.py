@@ -23,6 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from diffalign.atomic import atomic_path
+from diffalign.data.phi import ranks_from_phi, soft_preference
+
 VERSION = 1
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), "yellow": (230, 210, 30)}
 SHAPES = ("circle", "square", "triangle")
@@ -120,8 +123,6 @@ def pickapic_table(rows: int, seed: int, double_caption: bool = False) -> pa.Tab
 
 
 def ranked_table(rows: int, seed: int, k: int = 4) -> pa.Table:
-    from diffalign.data.dataset import phi_from_scores
-
     rng = np.random.default_rng(seed)
     out: dict[str, list] = {
         c: [] for c in ("prompt", "images", "generators", "seeds", "scores", "phi", "rank")
@@ -138,14 +139,14 @@ def ranked_table(rows: int, seed: int, k: int = 4) -> pa.Table:
             match.append(float(c == colour) + rng.normal(0, 0.01))
             clean.append(float(1.0 - q + rng.normal(0, 0.05)))
         scores = {"toy_colour": match, "toy_clean": clean}
-        phi = phi_from_scores(scores)
+        phi = soft_preference(np.array([match, clean])).tolist()
         out["prompt"].append(f"a {colour} {shape}")
         out["images"].append(imgs)
         out["generators"].append([MODELS[j % len(MODELS)] for j in perm])
         out["seeds"].append([int(seed * 100_000 + i * k + j) for j in range(k)])
         out["scores"].append(scores)
         out["phi"].append(phi)
-        out["rank"].append([int(sum(p > q for p in phi)) for q in phi])  # 0 = best; ties share the lower rank
+        out["rank"].append(ranks_from_phi(phi).tolist())
     types = {
         "prompt": pa.string(), "images": pa.list_(pa.binary()), "generators": pa.list_(pa.string()),
         "seeds": pa.list_(pa.int64()),
@@ -166,11 +167,10 @@ def make_table(fmt: str, rows: int, seed: int) -> pa.Table:
 
 
 def write_parquet(table: pa.Table, path: str, row_group_size: int = 16) -> str:
-    """Atomic write (tmp + rename) so concurrent readers never see half a file."""
+    """Atomic write, so concurrent readers never see half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp, row_group_size=row_group_size)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=row_group_size)
     return path
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import inspect
 import sys
 from pathlib import Path
@@ -18,32 +17,30 @@ def _device_default() -> str:
 def build_scorers(specs: list[str], device: str | None = None) -> dict:
     """Scorers by registry name (diffalign.rewards) or as `package.module:factory`. A device is passed to
     factories that take one."""
-    from diffalign.rewards import create_scorer
-    from diffalign.rewards.base import _REGISTRY, _import_builtin
+    from diffalign.lazy import load_attr
+    from diffalign.rewards.base import scorer_factory
 
     out = {}
     for spec in specs:
         if ":" in spec:
-            module, _, attr = spec.partition(":")
             try:
-                factory = getattr(importlib.import_module(module), attr)
-            except (ImportError, AttributeError) as e:
+                factory = load_attr(spec)
+            except (ImportError, AttributeError, ValueError) as e:
                 raise KeyError(f"scorer {spec!r} cannot be imported: {e}") from e
             name = None
         else:
-            _import_builtin()
-            factory = _REGISTRY.get(spec)
+            factory = scorer_factory(spec)
             name = spec
         kwargs = {}
-        if device is not None and factory is not None:
+        if device is not None:
             try:
                 params = inspect.signature(factory).parameters
                 if "device" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
                     kwargs["device"] = device
             except (TypeError, ValueError):
                 pass
-        scorer = factory(**kwargs) if name is None else create_scorer(spec, **kwargs)
-        out[name or getattr(scorer, "name", attr)] = scorer
+        scorer = factory(**kwargs)
+        out[name or getattr(scorer, "name", spec.partition(":")[2])] = scorer
     return out
 
 
@@ -172,6 +169,7 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 
 def score_main(argv: list[str] | None = None) -> int:
+    from diffalign.atomic import write_atomic
     from diffalign.evaluation import report
     from diffalign.evaluation.layout import LayoutError
     from diffalign.evaluation.runner import (
@@ -228,7 +226,7 @@ def score_main(argv: list[str] | None = None) -> int:
     except (SuiteError, LayoutError, ValueError, KeyError) as e:
         print(f"diffalign score: error: {e}", file=sys.stderr)
         return 2
-    (out / "summary.md").write_text(report.summary_markdown(summary), encoding="utf-8")
+    write_atomic(out / "summary.md", report.summary_markdown(summary))
     if not args.no_report:
         report.write_html_report(summary, {args.name: rows}, out)
     print((out / "summary.md").read_text(encoding="utf-8"))

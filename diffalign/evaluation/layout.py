@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from diffalign.atomic import write_atomic
+
 _IMAGE_RE = re.compile(r"^\d+\.png$")
 
 
@@ -36,7 +38,7 @@ def write_metadata(root: str | Path, index: int, metadata: dict) -> Path:
     path = d / "metadata.jsonl"
     text = json.dumps(metadata)
     if not path.exists() or path.read_text(encoding="utf-8") != text:
-        path.write_text(text, encoding="utf-8")
+        write_atomic(path, text)
     return path
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from diffalign.atomic import atomic_path, write_atomic
 from diffalign.evaluation.layout import read_layout, sample_path, write_metadata
 from diffalign.evaluation.suites import PromptItem, Suite
 
@@ -60,13 +61,19 @@ def generate_images(
     run_file = image_dir.parent / "run.json"
     settings = dict(settings or {})
     if run_file.exists():
-        old = json.loads(run_file.read_text(encoding="utf-8"))
+        try:
+            old = json.loads(run_file.read_text(encoding="utf-8"))
+        except ValueError:  # left empty by a kill under an older version (it is written atomically now)
+            raise ResumeMismatch(
+                f"{run_file} is empty or unreadable (a killed run?); use another --out, or delete it to resume "
+                "if the images there were made with these settings"
+            ) from None
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if diff:
             raise ResumeMismatch(
                 f"{image_dir} holds images made with other settings {diff}; use another --out or delete it"
             )
-    run_file.write_text(json.dumps(settings, indent=2, sort_keys=True), encoding="utf-8")
+    write_atomic(run_file, json.dumps(settings, indent=2, sort_keys=True))
 
     jobs = []  # (prompt, seed, path)
     for item in items:
@@ -83,9 +90,8 @@ def generate_images(
         if len(images) != len(chunk):
             raise RuntimeError(f"generator returned {len(images)} images for {len(chunk)} requests")
         for (_, _, path), img in zip(chunk, images, strict=True):
-            tmp = path.with_name(path.stem + ".tmp.png")  # atomic: an interrupted run leaves no half image
-            img.save(tmp)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:  # an interrupted run leaves no half image
+                img.save(tmp)
         bar.update(len(chunk))
     bar.close()
     return {"generated": len(jobs), "kept": total - len(jobs), "total": total}
@@ -169,7 +175,7 @@ def score_entries(
 
 def write_jsonl(rows: list[dict], path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -305,8 +311,8 @@ def run_eval(
         summary["comparison"] = {"a": a.label, "b": b.label, "win_rates": win_rates(a.rows, b.rows, higher),
                                  "mcnemar": mcnemar_by_scorer(a.rows, b.rows, binary)}
         write_jsonl(comparison_rows(a, b), out_dir / "comparison.jsonl")
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    (out_dir / "summary.md").write_text(report_mod.summary_markdown(summary), encoding="utf-8")
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
+    write_atomic(out_dir / "summary.md", report_mod.summary_markdown(summary))
     if report:
         report_mod.write_html_report(summary, {m.label: m.rows for m in models}, out_dir)
     return summary

@@ -8,10 +8,14 @@ training-time relabelling, so they never assume where they are called from.
 
 from __future__ import annotations
 
+import difflib
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image
+
+from diffalign.lazy import load_attr
 
 Images = Sequence[Image.Image] | torch.Tensor
 Prompts = Sequence[str] | str
@@ -46,36 +50,51 @@ class Scorer:
     __call__ = score
 
 
+# The registry. Importing this module imports the diffalign.rewards package first, which registers the
+# built-in scorers; scorers of higher layers (the toy world) are registered there by lazy name.
 _REGISTRY: dict[str, Callable[..., Scorer]] = {}
+_LAZY: dict[str, tuple[str, dict]] = {}  # name -> ("package.module:factory", fixed keyword arguments)
+
+
+def _check_new(name: str) -> None:
+    if name in _REGISTRY or name in _LAZY:
+        raise ValueError(f"scorer {name!r} registered twice")
 
 
 def register_scorer(name: str) -> Callable[[Callable[..., Scorer]], Callable[..., Scorer]]:
     def deco(factory: Callable[..., Scorer]) -> Callable[..., Scorer]:
-        if name in _REGISTRY:
-            raise ValueError(f"scorer {name!r} registered twice")
+        _check_new(name)
         _REGISTRY[name] = factory
         return factory
 
     return deco
 
 
+def register_lazy_scorer(name: str, target: str, **fixed) -> None:
+    """Register `name` as the factory `target` ("package.module:attr", a string in diffalign's own code),
+    imported on first use; `fixed` keyword arguments are bound to it. Listed by available_scorers()
+    without importing anything."""
+    _check_new(name)
+    _LAZY[name] = (target, fixed)
+
+
 def available_scorers() -> list[str]:
-    _import_builtin()
-    return sorted(_REGISTRY)
+    return sorted({*_REGISTRY, *_LAZY})
+
+
+def scorer_factory(name: str) -> Callable[..., Scorer]:
+    """The factory registered as `name` (a lazy one is imported now). KeyError naming the closest name."""
+    if name not in _REGISTRY and name in _LAZY:
+        target, fixed = _LAZY[name]
+        factory = load_attr(target)
+        _REGISTRY[name] = functools.partial(factory, **fixed) if fixed else factory
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, available_scorers(), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise KeyError(f"unknown scorer {name!r}.{hint} Available: {', '.join(available_scorers())}")
+    return _REGISTRY[name]
 
 
 def create_scorer(name: str, **kwargs) -> Scorer:
     """Build a scorer by registry name, e.g. create_scorer("pickscore", device="cuda")."""
-    _import_builtin()
-    if name not in _REGISTRY:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise KeyError(f"unknown scorer {name!r}.{hint} Available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](**kwargs)
-
-
-def _import_builtin() -> None:
-    # Importing the package registers the built-in scorers; each module imports its heavy deps lazily.
-    import diffalign.rewards  # noqa: F401
+    return scorer_factory(name)(**kwargs)

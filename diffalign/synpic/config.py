@@ -1,22 +1,18 @@
 """The Syn-Pic run configuration: YAML + dotted `key=value` overrides, validated by pydantic.
 
 Every section forbids unknown keys; a misspelt key fails with the closest valid key named, e.g.
-`unknown key 'generators.0.stpes' (did you mean 'steps'?)`. See docs/synpic.md for every field.
+`unknown key 'generators.0.stpes'. Did you mean 'generators.0.steps'?`. See docs/synpic.md for every field.
 """
 
 from __future__ import annotations
 
-import difflib
-import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used, with a message meant for the person who wrote it."""
+from diffalign.configio import ConfigError as ConfigError  # re-exported: one class for every config
+from diffalign.configio import load
 
 
 class _Strict(BaseModel):
@@ -24,8 +20,9 @@ class _Strict(BaseModel):
 
 
 class PromptsConfig(_Strict):
-    #: toy: the toy world's 18 prompts; list: `items`; file: `path` (.txt one per line, or
-    #: .jsonl/.json/.csv/.parquet with `column`); hf: a datasets name or folder `path` (`split`, `column`).
+    #: toy: the toy world's 18 prompts (diffalign.synpic.run.PROMPT_FUNCTIONS); list: `items`; file: `path`
+    #: (.txt one per line, or .jsonl/.json/.csv/.parquet with `column`); hf: a datasets name or folder `path`
+    #: (`split`, `column`).
     source: Literal["toy", "list", "file", "hf"] = "toy"
     items: list[str] | None = None
     path: str | None = None
@@ -137,105 +134,14 @@ class SynPicConfig(_Strict):
         return sum(g.images_per_prompt for g in self.generators)
 
 
-# --- loading, overrides and readable errors ---------------------------------------------------------
-
-
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Set `a.b.0.c=value` entries (value parsed as YAML) in a nested dict/list, in place."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
-        key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        node: Any = raw
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError(f"override {key!r}: {part!r} is not an index of a list of {len(node)}")
-                if last:
-                    node[int(part)] = _parse_value(value)
-                else:
-                    node = node[int(part)]
-            elif isinstance(node, dict):
-                if last:
-                    node[part] = _parse_value(value)
-                else:
-                    node = node.setdefault(part, {})
-            else:
-                raise ConfigError(f"override {key!r}: {'.'.join(parts[:i])!r} is not a section")
-    return raw
-
-
-def _models_in(annotation) -> list[type[BaseModel]]:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    return [m for a in typing.get_args(annotation) for m in _models_in(a)]
-
-
-def _fields_at(loc: tuple) -> list[str]:
-    """Valid keys of the section at `loc` (a pydantic error location without the bad key)."""
-    models: list[type[BaseModel]] = [SynPicConfig]
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        nxt = [
-            m
-            for model in models
-            if part in model.model_fields
-            for m in _models_in(model.model_fields[part].annotation)
-        ]
-        if nxt:
-            models = nxt
-            continue
-        # a discriminator tag ('diffusers') in the location selects that member of the union
-        tagged = [
-            m
-            for m in models
-            if "type" in m.model_fields and part in typing.get_args(m.model_fields["type"].annotation)
-        ]
-        models = tagged or models
-    return sorted({f for m in models for f in m.model_fields})
-
-
-def _format(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        loc = tuple(e["loc"])
-        shown = ".".join(
-            str(p)
-            for p in loc
-            if not (isinstance(p, str) and p in ("toy_render", "toy_sampler", "diffusers"))
-        )
-        if e["type"] == "extra_forbidden":
-            valid = _fields_at(loc[:-1])
-            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            lines.append(f"unknown key {shown!r}{hint}; valid keys here: {', '.join(valid)}")
-        else:
-            lines.append(f"{shown or '<config>'}: {e['msg']}")
-    return "invalid synpic config:\n  " + "\n  ".join(lines)
+# --- loading ---------------------------------------------------------------------------------------
 
 
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, raw: dict | None = None
 ) -> SynPicConfig:
-    """Read YAML (or take `raw`), apply dotted overrides, validate. Raises ConfigError with a readable message."""
-    if raw is None:
-        if path is None:
-            raise ConfigError("no config given")
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError as e:
-            raise ConfigError(f"config file not found: {path}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config {path} must be a mapping at the top level")
-    raw = apply_overrides(raw, list(overrides or []))
-    try:
-        return SynPicConfig.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(_format(e)) from None
+    """Read YAML (or take `raw`), apply dotted overrides, validate (diffalign.configio). Raises ConfigError
+    with a readable message."""
+    if raw is None and path is None:
+        raise ConfigError("no config given")
+    return load(SynPicConfig, raw if raw is not None else path, overrides, what="synpic config")

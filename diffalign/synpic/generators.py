@@ -8,9 +8,11 @@ says how many images of each prompt the generator contributes; k = the sum over 
 Adapters:
 - `DiffusersGenerator`: any diffusers text-to-image pipeline (hub id or local folder) with sampler
   settings (steps, guidance, resolution, scheduler class); loaded lazily, on the process's device.
-- `ToySamplerGenerator`: the toy world's pixel-space UNet with `diffalign.toy.model.sample`.
-- `ToyRenderGenerator`: the toy renderer itself, drawing a wrong caption with probability
-  `corrupt_p` (seed-dependent): a free, exact generator for tests and demos.
+- `ToySamplerGenerator`, `ToyRenderGenerator` (config types `toy_sampler`, `toy_render`): the toy world's
+  model and renderer, defined in diffalign.toy.generators (the toy sits above Syn-Pic).
+
+GENERATORS maps each config `type` to its class as a "package.module:attr" string, imported when a run
+builds its generators.
 """
 
 from __future__ import annotations
@@ -18,8 +20,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
-import numpy as np
 from PIL import Image
+
+#: config `type` -> generator class ("package.module:attr", imported when used)
+GENERATORS = {
+    "toy_render": "diffalign.toy.generators:ToyRenderGenerator",
+    "toy_sampler": "diffalign.toy.generators:ToySamplerGenerator",
+    "diffusers": "diffalign.synpic.generators:DiffusersGenerator",
+}
 
 
 @runtime_checkable
@@ -29,117 +37,19 @@ class Generator(Protocol):
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]: ...
 
 
-def _check(prompts, seeds):
+def check_seeds(prompts: Sequence[str], seeds: Sequence[int]) -> None:
+    """One seed per prompt, or a ValueError."""
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
 
 
-class ToyRenderGenerator:
-    """Ground-truth renders of the toy world; with probability `corrupt_p` (drawn from the image's
-    seed) the render follows a corrupted caption (wrong colour or wrong shape) instead."""
-
-    def __init__(
-        self, name: str = "toy-render", size: int = 16, corrupt_p: float = 0.0, images_per_prompt: int = 1
-    ):
-        self.name, self.size, self.corrupt_p, self.images_per_prompt = (
-            name,
-            size,
-            corrupt_p,
-            images_per_prompt,
-        )
-
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
-        from diffalign.toy.world import corrupt_caption, parse_prompt, render, sample_scene
-
-        _check(prompts, seeds)
-        out = []
-        for p, s in zip(prompts, seeds, strict=True):
-            rng = np.random.default_rng(int(s))
-            caption = corrupt_caption(p, rng, self.corrupt_p)
-            out.append(Image.fromarray(render(sample_scene(rng, parse_prompt(caption), size=self.size))))
-        return out
-
-
-def _device(device: str | None) -> Any:
+def default_device(device: str | None) -> Any:
+    """`device`, or this process's accelerate device when None."""
     if device is not None:
         return device
     from accelerate import PartialState
 
     return PartialState().device
-
-
-class ToySamplerGenerator:
-    """The toy pixel-space model sampled with DDIM + CFG (`diffalign.toy.model.sample`).
-
-    `unet`: a diffusers UNet folder (config.json + safetensors) or a folder holding one under `unet/`
-    (and then its noise schedule under `scheduler/`, if there is one);
-    None builds a randomly initialised one (seed `init_seed`, for tests). The text encoder and
-    tokenizer are rebuilt by code (seed `text_encoder_seed`), as in training. An already built
-    UNet2DConditionModel can be passed as `unet_model`."""
-
-    def __init__(
-        self,
-        name: str = "toy-sampler",
-        unet: str | None = None,
-        width: int = 32,
-        size: int = 16,
-        init_seed: int = 0,
-        text_encoder_seed: int = 0,
-        steps: int = 20,
-        guidance: float = 5.0,
-        batch_size: int = 256,
-        device: str | None = None,
-        images_per_prompt: int = 1,
-        unet_model=None,
-    ):
-        self.name, self.images_per_prompt = name, images_per_prompt
-        self.unet_path, self.width, self.size, self.init_seed = unet, width, size, init_seed
-        self.text_encoder_seed, self.steps, self.guidance, self.batch_size = (
-            text_encoder_seed,
-            steps,
-            guidance,
-            batch_size,
-        )
-        self.device = device
-        self._unet = unet_model
-        self._parts = None
-
-    def _load(self):
-        from pathlib import Path
-
-        from diffalign.toy.model import build_scheduler, build_unet
-        from diffalign.toy.text import build_text_encoder, build_tokenizer
-
-        device = _device(self.device)
-        unet = self._unet
-        if unet is None and self.unet_path is None:
-            unet = build_unet(width=self.width, sample_size=self.size, seed=self.init_seed)
-        elif unet is None:
-            from diffusers import UNet2DConditionModel
-
-            path = Path(self.unet_path)
-            sub = "unet" if (path / "unet" / "config.json").exists() else None
-            unet = UNet2DConditionModel.from_pretrained(str(path), subfolder=sub, use_safetensors=True)
-        scheduler = build_scheduler()
-        if self.unet_path is not None and (Path(self.unet_path) / "scheduler" / "scheduler_config.json").is_file():
-            from diffusers import DDPMScheduler  # a model folder's own schedule (e.g. its prediction type)
-
-            scheduler = DDPMScheduler.from_pretrained(str(self.unet_path), subfolder="scheduler")
-        tok = build_tokenizer()
-        te = build_text_encoder(tok, seed=self.text_encoder_seed).to(device)
-        self._parts = (unet.eval().to(device), te, tok, scheduler)
-
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
-        from diffalign.toy.model import sample
-
-        _check(prompts, seeds)
-        if self._parts is None:
-            self._load()
-        unet, te, tok, sched = self._parts
-        arr = sample(
-            unet, te, tok, sched, list(prompts), list(seeds), self.steps, self.guidance, self.batch_size
-        )
-        return [Image.fromarray(a) for a in arr]
 
 
 class DiffusersGenerator:
@@ -202,12 +112,12 @@ class DiffusersGenerator:
                 raise ValueError(f"unknown diffusers scheduler class {self.scheduler!r}")
             pipe.scheduler = cls.from_config(pipe.scheduler.config, **self.scheduler_kwargs)
         pipe.set_progress_bar_config(disable=True)
-        self._pipe = pipe.to(_device(self.device))
+        self._pipe = pipe.to(default_device(self.device))
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
         import torch
 
-        _check(prompts, seeds)
+        check_seeds(prompts, seeds)
         if self._pipe is None:
             self._load()
         size = {} if self.resolution is None else {"height": self.resolution, "width": self.resolution}

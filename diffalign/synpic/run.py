@@ -28,10 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
+from diffalign.atomic import atomic_path, remove_temps, write_atomic
+from diffalign.data.phi import ranks_from_phi, soft_preference
+from diffalign.lazy import load_attr
 from diffalign.synpic.config import ConfigError, SynPicConfig
-from diffalign.synpic.phi import ranks_from_phi, soft_preference
+from diffalign.synpic.generators import GENERATORS
 
 SHARD_PATTERN = "shard-{:05d}.parquet"
+
+#: prompt sources that are a function returning the prompt list ("package.module:attr", imported when used)
+PROMPT_FUNCTIONS = {"toy": "diffalign.toy.world:all_prompts"}
 
 
 # --- prompts ----------------------------------------------------------------------------------------
@@ -40,10 +46,8 @@ SHARD_PATTERN = "shard-{:05d}.parquet"
 def load_prompts(cfg: SynPicConfig) -> list[str]:
     """The run's prompt list: one entry per output row (after dedupe, limit and repeats)."""
     p = cfg.prompts
-    if p.source == "toy":
-        from diffalign.toy.world import all_prompts
-
-        prompts = all_prompts()
+    if p.source in PROMPT_FUNCTIONS:
+        prompts = load_attr(PROMPT_FUNCTIONS[p.source])()
     elif p.source == "list":
         prompts = list(p.items or [])
     elif p.source == "file" and Path(p.path).suffix == ".txt":
@@ -73,18 +77,10 @@ def load_prompts(cfg: SynPicConfig) -> list[str]:
 
 
 def build_generators(cfg: SynPicConfig) -> list:
-    from diffalign.synpic.generators import DiffusersGenerator, ToyRenderGenerator, ToySamplerGenerator
-
-    classes = {
-        "toy_render": ToyRenderGenerator,
-        "toy_sampler": ToySamplerGenerator,
-        "diffusers": DiffusersGenerator,
-    }
-    return [classes[g.type](**g.model_dump(exclude={"type"})) for g in cfg.generators]
+    return [load_attr(GENERATORS[g.type])(**g.model_dump(exclude={"type"})) for g in cfg.generators]
 
 
 def build_scorers(cfg: SynPicConfig) -> list:
-    import diffalign.toy.reward  # noqa: F401  (registers "toy" until diffalign.rewards imports it)
     from diffalign.rewards import create_scorer
 
     return [create_scorer(s.name, **s.kwargs) for s in cfg.scorers]
@@ -153,15 +149,14 @@ def make_rows(
 
 
 def write_shard(columns: dict[str, list], path: Path, scorer_names: Sequence[str], metadata: dict) -> None:
-    """Write atomically: a temp file in the same folder, then rename over the final name."""
+    """Write one shard atomically (diffalign.atomic)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     schema = arrow_schema(scorer_names).with_metadata({b"diffalign.synpic": json.dumps(metadata).encode()})
     table = pa.Table.from_pydict(columns, schema=schema)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def read_manifests(out: Path) -> dict[int, dict]:
@@ -175,6 +170,18 @@ def read_manifests(out: Path) -> dict[int, dict]:
             if (out / "data" / entry["file"]).exists():
                 done[int(entry["shard"])] = entry
     return done
+
+
+def read_run_file(path: Path) -> dict:
+    """The run.json of an output directory; a clear ConfigError when it cannot be read (an older version
+    wrote it non-atomically, so a kill could leave it empty)."""
+    try:
+        previous = json.loads(path.read_text())
+    except ValueError:  # not JSON, not UTF-8
+        previous = None
+    if not isinstance(previous, dict) or "fingerprint" not in previous:
+        raise ConfigError(f"{path} is empty or unreadable (a killed run?); rerun with --overwrite to start over")
+    return previous
 
 
 def fingerprint(cfg: SynPicConfig, prompts: Sequence[str]) -> dict:
@@ -229,16 +236,16 @@ def run(
         if overwrite:
             for f in [*(out / "data").glob("*.parquet"), *(out / "manifest").glob("*.jsonl"), run_file]:
                 f.unlink(missing_ok=True)
-        for f in (out / "data").glob(".*.tmp-*"):  # left by a killed run
-            f.unlink()
+        for folder in (out, out / "data", out / "manifest"):  # temp files of a killed run
+            remove_temps(folder)
         for f in (out / "manifest").glob("rank-*.jsonl"):  # drop a line cut by a kill
             text = f.read_text()
             if text and not text.endswith("\n"):
-                f.write_text(text[: text.rfind("\n") + 1])
+                write_atomic(f, text[: text.rfind("\n") + 1])
         if not run_file.exists():
-            run_file.write_text(json.dumps(fp | {"num_shards": num_shards}, indent=1))
+            write_atomic(run_file, json.dumps(fp | {"num_shards": num_shards}, indent=1))
     state.wait_for_everyone()
-    previous = json.loads(run_file.read_text())
+    previous = read_run_file(run_file)
     if previous["fingerprint"] != fp["fingerprint"]:
         raise ConfigError(
             f"{out} holds a different Syn-Pic run (fingerprint {previous['fingerprint']} != {fp['fingerprint']}); "

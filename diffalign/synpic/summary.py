@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diffalign.atomic import write_atomic
+
 
 def _stats(x: np.ndarray) -> dict:
     if x.size == 0:
@@ -127,6 +129,6 @@ def to_markdown(summary: dict) -> str:
 def write_summary(summary: dict, out: str | Path) -> str:
     out = Path(out)
     md = to_markdown(summary)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "summary.md").write_text(md)
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1))
+    write_atomic(out / "summary.md", md)
     return md

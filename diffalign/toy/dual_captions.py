@@ -1,6 +1,6 @@
 """DCPO data for the toy world: the (best, worst) pair of every toy Syn-Pic row, each image with its own caption.
 
-DCPO (methods.md sec. 4) trains Diffusion-DPO with one caption per image. Its DCPO-c variant has a captioner
+DCPO trains Diffusion-DPO with one caption per image. Its DCPO-c variant has a captioner
 describe each image; in the toy world the captioner is exact: the toy reward's reading of the image's colour
 and shape ("a red square"). An image whose object the reward cannot find (no foreground) keeps the prompt,
 and is counted. The pairs are the ones the ranked loader trains on (`ranked_as_pairs`: first of the best,
@@ -32,6 +32,7 @@ def write_dual_caption_data(ranked_source: str | Path, path: str | Path, resolut
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from diffalign.atomic import atomic_path
     from diffalign.data import build_preference_dataset
     from diffalign.data.config import DataConfig
     from diffalign.data.transforms import UnusableImage, decode_image
@@ -63,7 +64,8 @@ def write_dual_caption_data(ranked_source: str | Path, path: str | Path, resolut
     table = pa.table({k: pa.array(v, type=types.get(k, pa.string())) for k, v in cols.items()})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
     return {**ds.stats, **stats, "written": table.num_rows}
 
 

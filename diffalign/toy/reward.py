@@ -1,4 +1,5 @@
-"""The toy world's programmatic reward, registered as the scorer "toy".
+"""The toy world's programmatic reward: the scorer "toy" (and "toy_<field>"), registered by lazy name in
+diffalign.rewards so that the rewards package never imports the toy world.
 
 Per image, against the single object its prompt asks for ("a {colour} {shape}"):
 
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from diffalign.rewards.base import Images, Prompts, Scorer, register_scorer
+from diffalign.rewards.base import Images, Prompts, Scorer
 from diffalign.toy.world import COLOURS, PALETTE, SHAPES, parse_prompt, shape_mask
 
 FG_THRESHOLD = 0.4
@@ -188,7 +189,6 @@ def _by_size(images, prompts: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
-@register_scorer("toy")
 class ToyScorer(Scorer):
     """The toy world's reward as a Scorer: score in [0, 3], higher is better (see module docstring)."""
 
@@ -206,7 +206,8 @@ class ToyScorer(Scorer):
 
 
 #: per-image fields of `toy_reward_details` exposed as scorers "toy_<field>" (correct/colour/shape as
-#: 0/1, so their mean is an accuracy and a paired McNemar test applies; cleanliness in [0, 1])
+#: 0/1, so their mean is an accuracy and a paired McNemar test applies; cleanliness in [0, 1]); their names
+#: are registered in diffalign.rewards.LAZY_SCORERS (tests/test_toy_reward.py checks the two agree)
 FIELD_SCORERS = ("correct", "colour_correct", "shape_correct", "cleanliness")
 
 
@@ -223,10 +224,6 @@ class ToyFieldScorer(ToyScorer):
 
     def _score_batch(self, images: Images, prompts: list[str]) -> torch.Tensor:
         return torch.from_numpy(toy_reward_details(images, prompts)[self.field].astype(np.float32))
-
-
-for _field in FIELD_SCORERS:
-    register_scorer(f"toy_{_field}")(lambda batch_size=1024, device=None, _f=_field: ToyFieldScorer(_f, batch_size))
 
 
 def accuracy_on_ground_truth(

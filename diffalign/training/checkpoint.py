@@ -8,18 +8,14 @@ import os
 import shutil
 from pathlib import Path
 
+from diffalign.atomic import write_atomic
+
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def finalize(tmp_dir: Path, final_dir: Path, state: dict, keep: int) -> None:

@@ -1,171 +1,27 @@
-"""GenEval: the official decision rules over object detections, a colour classifier and detector backends.
-
-The decision logic follows djghosh13/geneval `evaluation/evaluate_images.py` (facts in docs/metrics.md,
-sec. 5): per class keep detections scoring above 0.3 (0.9 in counting prompts), at most 16, most confident
-first; `include` clauses are ANDed and need `count` objects (of the right colour, at the right relative
-position), `exclude` clauses are ORed and fail at `count` or more objects. The summary is the unweighted
-mean of the six per-task image accuracies.
+"""GenEval's detectors and colour classifier.
 
 Detectors sit behind `Detector.detect(image, path) -> {class name: [(box5, mask), ...]}` with box5 =
 [x1, y1, x2, y2, score] and mask a bool array of the image's size (or None). The default backend is
 transformers' Mask2Former, which is NOT the official detector (the official one is mmdet 2.x Mask2Former
 Swin-S with mmdet's weights); reports say so. An mmdet backend is used only when mmdet is importable.
+Colours are classified zero-shot with open_clip, as GenEval does.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from diffalign.evaluation.geneval_prompts import COLORS, OBJECT_NAMES, TASKS
-from diffalign.evaluation.layout import read_layout
-
-Obj = tuple[np.ndarray, "np.ndarray | None"]  # (box5, mask)
-RawDetections = dict[str, list[Obj]]
+from diffalign.evaluation.geneval.rules import GenEvalOptions, Obj, RawDetections
+from diffalign.evaluation.geneval_prompts import COLORS, OBJECT_NAMES
 
 DEFAULT_MASK2FORMER = "facebook/mask2former-swin-small-coco-instance"
 NOT_OFFICIAL_NOTE = (
     "GenEval detector: transformers Mask2Former ({model}), NOT the official detector (mmdet 2.x Mask2Former "
     "Swin-S, mmdet weights); scores are not directly comparable with published GenEval numbers."
 )
-
-
-@dataclass(frozen=True)
-class GenEvalOptions:
-    """The official defaults (evaluate_images.py `--options`)."""
-
-    threshold: float = 0.3
-    counting_threshold: float = 0.9
-    max_objects: int = 16
-    max_overlap: float = 1.0  # NMS IoU limit; 1.0 disables NMS
-    position_threshold: float = 0.1
-    bgcolor: str = "#999"  # background behind the object mask for colour crops; "original" keeps the image
-    crop: bool = True
-
-
-# ----------------------------------------------------------------------------------------- decision rules
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """IoU with the +1-pixel area convention of the reference."""
-
-    def area(box):
-        return max(box[2] - box[0] + 1, 0) * max(box[3] - box[1] + 1, 0)
-
-    inter = area([max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])])
-    union = area(a) + area(b) - inter
-    return inter / union if union else 0.0
-
-
-def select_objects(raw: RawDetections, tag: str, options: GenEvalOptions = GenEvalOptions()) -> RawDetections:
-    """Per class: sort by score (highest first), keep scores > threshold, keep at most max_objects, then
-    greedy NMS at max_overlap (disabled at 1.0). Classes with nothing left are dropped."""
-    thr = options.counting_threshold if tag == "counting" else options.threshold
-    out: RawDetections = {}
-    for name, objs in raw.items():
-        if not objs:
-            continue
-        # Keep the detector's dtype (float32): the reference compares float32 scores with the threshold.
-        scores = np.array([box[4] for box, _ in objs])
-        order = np.argsort(scores)[::-1]
-        order = order[scores[order] > thr][: options.max_objects].tolist()
-        kept = []
-        while order:
-            best = order.pop(0)
-            kept.append(objs[best])
-            if options.max_overlap < 1:
-                order = [o for o in order if box_iou(objs[best][0], objs[o][0]) < options.max_overlap]
-        if kept:
-            out[name] = kept
-    return out
-
-
-def relative_position(box_a: Sequence[float], box_b: Sequence[float], threshold: float = 0.1) -> set[str]:
-    """Relations of A relative to B ("left of", "right of", "above", "below"; image y points down).
-
-    The centre offset is shrunk per axis by threshold * (size of A + size of B); the shrunk offset divided
-    by the length of the raw offset must pass 0.5 in a direction for that relation to hold."""
-    a = np.asarray(box_a[:4], dtype=np.float64)
-    b = np.asarray(box_b[:4], dtype=np.float64)
-    offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
-    size_sum = np.abs(a[2:] - a[:2]) + np.abs(b[2:] - b[:2])
-    shrunk = np.maximum(np.abs(offset) - threshold * size_sum, 0) * np.sign(offset)
-    if np.all(np.abs(shrunk) < 1e-3):
-        return set()
-    dx, dy = shrunk / np.linalg.norm(offset)
-    rels = set()
-    if dx < -0.5:
-        rels.add("left of")
-    if dx > 0.5:
-        rels.add("right of")
-    if dy < -0.5:
-        rels.add("above")
-    if dy > 0.5:
-        rels.add("below")
-    return rels
-
-
-ColorFn = Callable[[list[Obj], str], list[str]]
-
-
-def evaluate_metadata(
-    objects: RawDetections, metadata: dict, classify_colors: ColorFn | None = None, options: GenEvalOptions = GenEvalOptions()
-) -> tuple[bool, str]:
-    """Decide one image. `objects` come from `select_objects` (sorted, most confident first);
-    `classify_colors(objs, class_name)` returns one colour name per object."""
-    correct = True
-    reasons: list[str] = []
-    groups: list[list[Obj] | None] = []  # objects matched per include clause (None when it failed)
-    for req in metadata.get("include", []):
-        name, count = req["class"], req["count"]
-        found = objects.get(name, [])[:count]
-        ok = True
-        if len(found) < count:
-            ok = False
-            reasons.append(f"expected {name}>={count}, found {len(found)}")
-        else:
-            if "color" in req:
-                if classify_colors is None:
-                    raise ValueError("this prompt needs a colour classifier")
-                colors = classify_colors(found, name)
-                hits = colors.count(req["color"])
-                if hits < count:
-                    ok = False
-                    seen = ", ".join(f"{colors.count(c)} {c}" for c in COLORS if c in colors)
-                    reasons.append(f"expected {req['color']} {name}>={count}, found {hits} {req['color']}; and {seen}")
-            if "position" in req and ok:
-                rel, target = req["position"]
-                targets = groups[target]
-                if targets is None:
-                    ok = False
-                    reasons.append(f"no target for {name} to be {rel}")
-                else:
-                    for obj in found:
-                        for tgt in targets:
-                            actual = relative_position(obj[0], tgt[0], options.position_threshold)
-                            if rel not in actual:
-                                ok = False
-                                reasons.append(f"expected {name} {rel} target, found {' and '.join(sorted(actual))} target")
-                                break
-                        if not ok:
-                            break
-        correct = correct and ok
-        groups.append(found if ok else None)
-    for req in metadata.get("exclude", []):
-        name, count = req["class"], req["count"]
-        n = len(objects.get(name, []))
-        if n >= count:
-            correct = False
-            reasons.append(f"expected {name}<{count}, found {n}")
-    return correct, "\n".join(reasons)
-
-
-# ----------------------------------------------------------------------------------------- colour
 
 
 def color_crop(image: Image.Image, box: Sequence[float], mask: np.ndarray | None, bgcolor: str = "#999", crop: bool = True) -> Image.Image:
@@ -259,9 +115,6 @@ def register_tiny_open_clip(name: str = "diffalign-tiny-clip") -> str:
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
     }
     return name
-
-
-# ----------------------------------------------------------------------------------------- detectors
 
 
 class Detector:
@@ -432,93 +285,3 @@ def mmdet_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("mmdet") is not None
-
-
-# ----------------------------------------------------------------------------------------- folders and summary
-
-
-def evaluate_image(
-    path: str | Path,
-    metadata: dict,
-    detector: Detector,
-    color_classifier: Callable[[Image.Image, list[Obj], str], list[str]] | None,
-    options: GenEvalOptions = GenEvalOptions(),
-) -> dict:
-    """One row of results.jsonl in the official layout."""
-    image = ImageOps.exif_transpose(Image.open(path))
-    image.load()
-    raw = detector.detect(image, str(path))
-    objects = select_objects(raw, metadata["tag"], options)
-    fn = (lambda objs, name: color_classifier(image, objs, name)) if color_classifier is not None else None
-    correct, reason = evaluate_metadata(objects, metadata, fn, options)
-    return {
-        "filename": str(path),
-        "tag": metadata["tag"],
-        "prompt": metadata["prompt"],
-        "correct": bool(correct),
-        "reason": reason,
-        "metadata": json.dumps(metadata),
-        "details": json.dumps({k: [np.asarray(b, dtype=float).tolist() for b, _ in v] for k, v in objects.items()}),
-    }
-
-
-def evaluate_folder(
-    image_dir: str | Path,
-    detector: Detector,
-    color_classifier=None,
-    options: GenEvalOptions = GenEvalOptions(),
-    outfile: str | Path | None = None,
-    progress: bool = True,
-) -> list[dict]:
-    """Score every image of a GenEval-layout folder; optionally write results.jsonl."""
-    from tqdm.auto import tqdm
-
-    jobs = [(p, f.metadata) for f in read_layout(image_dir) for p in f.images]
-    rows = [evaluate_image(p, m, detector, color_classifier, options) for p, m in tqdm(jobs, desc="GenEval", disable=not progress)]
-    if outfile is not None:
-        write_results(rows, outfile)
-    return rows
-
-
-def write_results(rows: list[dict], path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-
-
-def read_results(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-@dataclass
-class GenEvalSummary:
-    total_images: int
-    total_prompts: int
-    correct_images: float  # fraction of images judged correct
-    correct_prompts: float  # fraction of prompts with at least one correct image
-    tasks: dict[str, dict]  # tag -> {"accuracy", "correct", "images"}
-    overall: float  # unweighted mean of the per-task image accuracies
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def summarize(rows: list[dict]) -> GenEvalSummary:
-    """The official summary: prompts are grouped by their metadata string; overall = mean over tasks."""
-    if not rows:
-        raise ValueError("no GenEval results to summarise")
-    by_prompt: dict[str, bool] = {}
-    by_task: dict[str, list[bool]] = {}
-    for r in rows:
-        by_prompt[r["metadata"]] = by_prompt.get(r["metadata"], False) or bool(r["correct"])
-        by_task.setdefault(r["tag"], []).append(bool(r["correct"]))
-    order = [t for t in TASKS if t in by_task] + [t for t in by_task if t not in TASKS]
-    tasks = {t: {"accuracy": sum(by_task[t]) / len(by_task[t]), "correct": sum(by_task[t]), "images": len(by_task[t])} for t in order}
-    return GenEvalSummary(
-        total_images=len(rows),
-        total_prompts=len(by_prompt),
-        correct_images=sum(bool(r["correct"]) for r in rows) / len(rows),
-        correct_prompts=sum(by_prompt.values()) / len(by_prompt),
-        tasks=tasks,
-        overall=float(np.mean([v["accuracy"] for v in tasks.values()])),
-    )

@@ -1,4 +1,5 @@
-"""Soft preference of Syn-Pic (methods.md sec. 6, Alg. 1) and the ranks derived from it.
+"""The Syn-Pic soft preference phi and the ranks derived from it: the one implementation, used by the
+data loader (phi derived from a ranked row's scores or rank) and by the Syn-Pic generator.
 
 For one prompt with k images scored by n reward models:
 
@@ -11,7 +12,8 @@ k/2). A NaN score never wins and is never beaten. Scores of a reward model whose
 are negated before comparing (`higher_is_better`).
 
 rank_i = the number of images with a strictly larger phi: 0 = best, ties share the lower rank
-("1224" competition ranking, zero-based).
+("1224" competition ranking, zero-based). The way back, phi from a rank, is the same rule with the rank
+as one lower-is-better scorer: phi_i = (number of images ranked strictly worse) / (k - 1).
 """
 
 from __future__ import annotations
@@ -46,3 +48,9 @@ def ranks_from_phi(phi: np.ndarray) -> np.ndarray:
     """rank [..., k]: number of images with strictly larger phi (0 = best; ties share the lower rank)."""
     p = np.asarray(phi, dtype=np.float64)
     return (p[..., None, :] > p[..., :, None]).sum(-1)
+
+
+def phi_from_rank(rank: np.ndarray) -> np.ndarray:
+    """phi [..., k] from rank [..., k] (0 = best): the fraction of the others ranked strictly worse."""
+    r = np.asarray(rank, dtype=np.float64)
+    return soft_preference(r[..., None, :], higher_is_better=[False])
