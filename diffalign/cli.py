@@ -9,7 +9,7 @@ import sys
 # name -> (module:function taking argv and returning an exit code, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("diffalign.training.cli:main", "fine-tune a model on preference data from a YAML config"),
-    "cache": ("diffalign.data.cache:main", "precompute VAE latents and text conditioning for a config"),
+    "cache": ("diffalign.training.cache:main", "precompute VAE latents and text conditioning for a config"),
     "eval": ("diffalign.evaluation.cli:eval_main", "generate images for a benchmark suite and score them"),
     "score": ("diffalign.evaluation.cli:score_main", "score existing images against their prompts"),
     "synpic": ("diffalign.synpic.cli:main", "generate a Syn-Pic-style ranked preference dataset"),

@@ -83,7 +83,7 @@ def _objective_errors(obj, err: pydantic.ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            lines.append(f"objective {obj.name!r} has no parameter {key!r}.{hint} Valid: {valid}")
+            lines.append(f"objective.{key}: objective {obj.name!r} has no parameter {key!r}.{hint} Valid: {valid}")
         else:
             hint = ""
             if e["type"] == "literal_error":

@@ -162,6 +162,8 @@ def _describe(e: dict, model: type[pydantic.BaseModel]) -> str:
         close = _closest(str(ctx.get("tag", got)), choices)
         msg += f". Did you mean {close!r}?" if close else ""
     got_s = f" (got {_short_repr(got)})" if got is not None and not isinstance(got, dict) else ""
+    if where and msg.startswith(f"{where}."):  # a section's validator already named the nested key
+        return msg
     return f"{where}: {msg}{got_s}" if where else msg
 
 

@@ -19,7 +19,7 @@ def test_cached_training_equals_uncached(tmp_path, family):
     """Same items, flips, caption dropout, posterior samples and noise: the per-step policy and reference
     errors and losses agree to float rounding (the VAE runs per item when caching, per batch in training)."""
     from diffalign.config import load_config
-    from diffalign.data.cache import build_cache
+    from diffalign.training.cache import build_cache
 
     common = dict(model={"pretrained": f"tiny:{family}"}, train={"max_steps": 3, "batch_size": 4},
                   data={"caption_dropout": 0.5, "random_flip": True})
@@ -37,8 +37,8 @@ def test_cached_training_equals_uncached(tmp_path, family):
 def test_cache_with_wrong_flips_would_be_caught(tmp_path, monkeypatch):
     """The equality above can fail: serve every item unflipped and the logged errors move."""
     from diffalign.config import load_config
-    from diffalign.data import cache as cache_mod
-    from diffalign.data.cache import build_cache
+    from diffalign.training import cache as cache_mod
+    from diffalign.training.cache import build_cache
 
     common = dict(train={"max_steps": 2, "batch_size": 4}, data={"random_flip": True})
     plain = run(tiny_config(tmp_path / "plain", **common))
@@ -53,7 +53,7 @@ def test_cache_with_wrong_flips_would_be_caught(tmp_path, monkeypatch):
 
 def test_a_cache_from_another_setup_is_refused(tmp_path):
     from diffalign.config import load_config
-    from diffalign.data.cache import CacheMismatchError, build_cache
+    from diffalign.training.cache import CacheMismatchError, build_cache
 
     cfg = tiny_config(tmp_path, cache={"enabled": True})
     build_cache(load_config(cfg), device="cpu")
@@ -67,7 +67,7 @@ def test_a_cache_from_another_setup_is_refused(tmp_path):
 
 def test_missing_cache_and_random_crop_are_clear_errors(tmp_path):
     from diffalign.config import load_config
-    from diffalign.data.cache import build_cache
+    from diffalign.training.cache import build_cache
 
     with pytest.raises(FileNotFoundError, match="diffalign cache"):
         run(tiny_config(tmp_path / "a", cache={"enabled": True}))
@@ -78,7 +78,7 @@ def test_missing_cache_and_random_crop_are_clear_errors(tmp_path):
 _BF16_CHECK = """
 import json, sys, torch
 from diffalign.config import load_config
-from diffalign.data.cache import build_cache
+from diffalign.training.cache import build_cache
 from diffalign.training.trainer import Trainer
 cfg = load_config(json.loads(sys.argv[1]))
 build_cache(cfg, device="cpu")

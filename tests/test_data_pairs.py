@@ -157,3 +157,31 @@ def test_dataloader_workers_see_the_same_items():
     first = next(iter(loader))
     local = collate_preference([ds[i] for i in range(4)])
     assert torch.equal(first["pixel_values"], local["pixel_values"]) and first["keys"] == local["keys"]
+
+
+def test_joint_first_geometry_takes_jpg_0s_frame_as_the_diffusers_sdxl_script_does(tmp_path):
+    """The diffusers SDXL DPO script and MaPO resize jpg_1 to jpg_0's size and condition on jpg_0's size,
+    whichever image won; the default (joint_winner) uses the winner's."""
+    path = _pair_file(tmp_path, [0.0], sizes=((40, 40), (96, 64)))  # jpg_0 40x40 loses, jpg_1 96x64 wins
+    item = build_preference_dataset(_cfg(path, resolution=32, pair_geometry="joint_first"))[0]
+    assert item["original_size"].tolist() == [[40, 40], [40, 40]]
+    assert item["crop_top_left"].tolist() == [[0, 0], [0, 0]]
+    assert mean_rgb(item["pixel_values"][0])[2] > 240  # still winner (blue) first
+
+
+def test_independent_geometry_crops_and_flips_each_image_on_its_own(tmp_path):
+    """Salesforce train.py and the diffusers SD1.5 script transform each image separately."""
+    rows = [{"caption": f"p{i}", "jpg_0": jpeg(half((64, 48))), "jpg_1": jpeg(half((96, 64))), "label_0": 1.0}
+            for i in range(40)]  # fmt: skip
+    path = write(pickapic_table(rows), tmp_path / "halves.parquet")
+    ind = build_preference_dataset(_cfg(path, resolution=16, random_flip=True, pair_geometry="independent"))
+    joint = build_preference_dataset(_cfg(path, resolution=16, random_flip=True))
+    mixed = 0
+    for i in range(len(ind)):
+        a, b = ind[i], joint[i]
+        assert a["original_size"].tolist() == [[48, 64], [64, 96]]  # each its own size
+        assert a["crop_top_left"].tolist() == [[0, 2], [0, 4]]  # each its own centre crop (21 and 24 px wide)
+        flipped = [bool(mean_rgb(p[:, :, :4])[0] > 128) for p in a["pixel_values"]]  # white on the left
+        assert flipped[0] == bool(mean_rgb(b["pixel_values"][0][:, :, :4])[0] > 128)  # candidate 0: same draw
+        mixed += flipped[0] != flipped[1]
+    assert 5 < mixed < 35  # winner and loser flip independently

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
+from diffalign.sampling import initial_noise, sample_images
 from diffalign.toy import world
-from diffalign.toy.model import build_unet, initial_noise, sample, scheduler_config
+from diffalign.toy.model import build_scheduler, build_unet, scheduler_config
 from diffalign.toy.text import build_text_encoder, build_tokenizer, encode_prompts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -83,10 +84,12 @@ def test_unet_is_the_documented_one_and_sampler_is_seeded_per_image():
     n1 = initial_noise([5, 6], (3, 16, 16))
     n2 = initial_noise([6], (3, 16, 16))
     assert torch.equal(n1[1], n2[0])
-    small = build_unet(width=8)
-    tok, te = build_tokenizer(), build_text_encoder()
-    args = (small, te, tok, scheduler_config(), ["a red circle", "a cyan square"], [1, 2])
-    a = sample(*args, steps=3, guidance=5.0)
+    from diffalign.backbones import PixelBackbone
+
+    tok = build_tokenizer()
+    bb = PixelBackbone(build_unet(width=8), build_scheduler(), build_text_encoder(tok), tok)
+    args = (bb, bb.denoiser, ["a red circle", "a cyan square"], [1, 2])
+    a = sample_images(*args, steps=3, guidance=5.0)
     assert a.shape == (2, 16, 16, 3) and a.dtype == np.uint8
-    assert np.array_equal(a, sample(*args, steps=3, guidance=5.0))
-    assert not np.array_equal(a, sample(*args, steps=3, guidance=1.0))
+    assert np.array_equal(a, sample_images(*args, steps=3, guidance=5.0))
+    assert not np.array_equal(a, sample_images(*args, steps=3, guidance=1.0))

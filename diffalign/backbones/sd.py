@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from diffalign.atomic import write_atomic
 from diffalign.backbones.base import Backbone, Conditioning
 
 
@@ -187,7 +188,7 @@ class PixelBackbone(StableDiffusionBackbone):
         for name, part in parts.items():
             lib = "transformers" if type(part).__module__.startswith("transformers") else "diffusers"
             index[name] = [lib, type(part).__name__]
-        (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_atomic(path / "model_index.json", json.dumps(index, indent=2) + "\n")
         return path
 
 

@@ -23,7 +23,12 @@ class DataConfig(pydantic.BaseModel, extra="forbid"):
     split: str = "train"
     resolution: int = pydantic.Field(512, ge=8)
     random_crop: bool = False  # Salesforce / diffusers default: center crop
-    random_flip: bool = True  # joint flip: all candidates of an item together
+    random_flip: bool = True  # one flip for all candidates of an item (its own for each when independent)
+    #: how an item's candidates are resized, flipped and cropped (docs/data.md): joint_winner = all take the
+    #: winner's size, one flip and crop window (diffalign's default); joint_first = all take the first stored
+    #: image's size (jpg_0), one flip and crop (the diffusers SDXL DPO script, MaPO); independent = each image
+    #: on its own, with its own flip and original size (Salesforce train.py, the diffusers SD1.5 script)
+    pair_geometry: Literal["joint_winner", "joint_first", "independent"] = "joint_winner"
     caption_dropout: float = pydantic.Field(
         0.0, ge=0.0, le=1.0
     )  # Salesforce recipe: 0.2; all K captions -> ""

@@ -35,6 +35,23 @@ def item_draws(cfg: DataConfig, seed: int, epoch: int, index: int) -> tuple[np.r
     return rng, flip, drop
 
 
+def candidate_flips(cfg: DataConfig, rng: np.random.Generator, first: bool, k: int) -> list[bool]:
+    """The flip of each of k candidates: all `first` under a joint geometry; under `independent`, candidate
+    0 keeps `first` and the others draw their own from `rng` (after item_draws' draws, so the joint
+    geometries' streams are unchanged)."""
+    if cfg.pair_geometry != "independent":
+        return [first] * k
+    return [first] + [bool(rng.random() < 0.5) and cfg.random_flip for _ in range(k - 1)]
+
+
+def geometry_frame(cfg: DataConfig, order: list[int]) -> int | None:
+    """The candidate whose size the others take (transform_item's `frame`): the winner (position 0), the
+    first stored image (wherever the ordering put it), or None (each image on its own)."""
+    if cfg.pair_geometry == "independent":
+        return None
+    return order.index(0) if cfg.pair_geometry == "joint_first" else 0
+
+
 class PreferenceDataset(Dataset):
     """Item i: None (unusable, counted in `stats`) or a dict (see docs/data.md):
     pixel_values float32 [K,3,R,R] in [-1,1] best first; captions list[str] (K); phi float32 [K];
@@ -164,9 +181,10 @@ class PreferenceDataset(Dataset):
             self._skip(err.reason, index, str(err))
             return None
         rng, flip, drop = item_draws(cfg, self.seed, self.epoch, index)
+        flips = candidate_flips(cfg, rng, flip, len(images))
         if self.force_flip is not None:
-            flip = self.force_flip
-        out = transform_item(images, cfg.resolution, cfg.random_crop, flip, rng)
+            flips = [self.force_flip] * len(images)
+        out = transform_item(images, cfg.resolution, cfg.random_crop, flips, rng, frame=geometry_frame(cfg, order))
         out["captions"] = [""] * len(captions) if drop else list(captions)
         out["phi"] = torch.from_numpy(self.phi[index].astype(np.float32))
         out["key"] = self.key(index)

@@ -1,14 +1,19 @@
-"""Image decoding and the joint crop/flip of one item's candidates (pure functions).
+"""Image decoding and the crop/flip of one item's candidates (pure functions).
 
-Conventions (docs/data.md, methods.md sec. 0.3-0.4), following the diffusers SDXL DPO port and MaPO:
-1. every other candidate is resized to the WINNER's (W, H), so one crop window fits all of them;
-   `original_size` is the winner's true (H, W) for every candidate (SDXL micro-conditioning);
+Joint geometry (docs/data.md), as the diffusers SDXL DPO port and MaPO do it:
+1. every other candidate is resized to one frame image's (W, H), so one crop window fits all of them;
+   `original_size` is that frame's true (H, W) for every candidate (SDXL micro-conditioning). The frame is
+   the winner (`pair_geometry: joint_winner`) or the first stored image (`joint_first`: jpg_0, as the
+   diffusers SDXL script and MaPO take it);
 2. the shorter side is resized to `resolution` (bilinear, antialiased), the longer side to
    int(resolution * long / short) as torchvision's Resize(int) does;
 3. the horizontal flip, when drawn, is applied to all candidates together, BEFORE the crop;
 4. one crop window (center, or random when `random_crop`) is cut from all candidates; `crop_top_left`
    is its (top, left) in the resized (and flipped) image;
 5. pixels go to float32 in [-1, 1], channels first.
+Independent geometry (`pair_geometry: independent`, Salesforce's train.py and the diffusers SD1.5 script):
+each candidate is resized, flipped (its own draw) and cropped on its own, with its own original_size and
+crop_top_left.
 """
 
 from __future__ import annotations
@@ -80,43 +85,60 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).div(127.5).sub(1.0).contiguous()
 
 
+def _crop_window(new_h: int, new_w: int, resolution: int, random_crop: bool, crop_rng) -> tuple[int, int]:
+    if random_crop:
+        if crop_rng is None:
+            raise ValueError("random_crop=True needs a crop_rng (numpy Generator)")
+        return int(crop_rng.integers(0, new_h - resolution + 1)), int(crop_rng.integers(0, new_w - resolution + 1))
+    # torchvision CenterCrop rule
+    return int(round((new_h - resolution) / 2.0)), int(round((new_w - resolution) / 2.0))
+
+
+def _resize_flip_crop(img: Image.Image, new_w: int, new_h: int, flip: bool, top: int, left: int, resolution: int):
+    img = img.resize((new_w, new_h), Image.BILINEAR, reducing_gap=None)
+    if flip:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return to_tensor(img.crop((left, top, left + resolution, top + resolution)))
+
+
 def transform_item(
     images: Sequence[Image.Image],
     resolution: int,
     random_crop: bool,
-    flip: bool,
+    flip: bool | Sequence[bool],
     crop_rng: np.random.Generator | None = None,
+    frame: int | None = 0,
 ) -> dict[str, torch.Tensor]:
-    """Jointly resize, flip and crop the K candidates of one item (winner / best first).
+    """Resize, flip and crop the K candidates of one item (winner / best first).
 
-    `flip` is decided by the caller (so a latent cache can ask for either); `crop_rng` (a numpy
-    Generator) draws the random crop and is only used when `random_crop`. Returns
-    pixel_values float32 [K, 3, R, R] in [-1, 1], original_size int64 [K, 2] (winner's (H, W) for all),
-    crop_top_left int64 [K, 2] (same (top, left) for all).
+    `frame` is the index of the image whose size the others take (joint geometry), or None to treat each
+    image on its own (independent geometry; `flip` may then be one bool per image). `flip` is decided by
+    the caller (so a latent cache can ask for either); `crop_rng` (a numpy Generator) draws the random crop
+    and is only used when `random_crop`. Returns pixel_values float32 [K, 3, R, R] in [-1, 1],
+    original_size int64 [K, 2] and crop_top_left int64 [K, 2] ((H, W) and (top, left) of each candidate).
     """
     if len(images) == 0:
         raise ValueError("transform_item needs at least one image")
-    first = images[0].convert("RGB") if images[0].mode != "RGB" else images[0]
-    width, height = first.size
-    same = [first]
-    for img in images[1:]:
-        img = img.convert("RGB") if img.mode != "RGB" else img
-        same.append(img if img.size == (width, height) else img.resize((width, height), Image.BICUBIC))
+    rgb = [img.convert("RGB") if img.mode != "RGB" else img for img in images]
+    flips = [bool(f) for f in flip] if isinstance(flip, Sequence) else [bool(flip)] * len(rgb)
+    if len(flips) != len(rgb):
+        raise ValueError(f"got {len(flips)} flips for {len(rgb)} images")
+    if frame is None:
+        out, sizes, crops = [], [], []
+        for img, f in zip(rgb, flips):
+            width, height = img.size
+            new_h, new_w = resized_shape(height, width, resolution)
+            top, left = _crop_window(new_h, new_w, resolution, random_crop, crop_rng)
+            out.append(_resize_flip_crop(img, new_w, new_h, f, top, left, resolution))
+            sizes.append([height, width])
+            crops.append([top, left])
+        return {"pixel_values": torch.stack(out), "original_size": torch.tensor(sizes, dtype=torch.int64),
+                "crop_top_left": torch.tensor(crops, dtype=torch.int64)}  # fmt: skip
+    width, height = rgb[frame].size
+    same = [img if img.size == (width, height) else img.resize((width, height), Image.BICUBIC) for img in rgb]
     new_h, new_w = resized_shape(height, width, resolution)
-    if random_crop:
-        if crop_rng is None:
-            raise ValueError("random_crop=True needs a crop_rng (numpy Generator)")
-        top = int(crop_rng.integers(0, new_h - resolution + 1))
-        left = int(crop_rng.integers(0, new_w - resolution + 1))
-    else:  # torchvision CenterCrop rule
-        top = int(round((new_h - resolution) / 2.0))
-        left = int(round((new_w - resolution) / 2.0))
-    out = []
-    for img in same:
-        img = img.resize((new_w, new_h), Image.BILINEAR, reducing_gap=None)
-        if flip:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        out.append(to_tensor(img.crop((left, top, left + resolution, top + resolution))))
+    top, left = _crop_window(new_h, new_w, resolution, random_crop, crop_rng)
+    out = [_resize_flip_crop(img, new_w, new_h, flips[0], top, left, resolution) for img in same]
     k = len(out)
     return {
         "pixel_values": torch.stack(out),

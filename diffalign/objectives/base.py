@@ -85,24 +85,6 @@ def register(objective: Objective) -> Objective:
     return objective
 
 
-def get_objective(name: str) -> Objective:
-    import diffalign.objectives  # noqa: F401  (registers the built-ins)
-
-    if name not in _REGISTRY:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise KeyError(f"unknown objective {name!r}.{hint} Available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
-
-
-def available_objectives() -> list[str]:
-    import diffalign.objectives  # noqa: F401
-
-    return sorted(_REGISTRY)
-
-
 def pair_metrics(energy: torch.Tensor, ref_energy: torch.Tensor | None) -> Metrics:
     """Errors of the best (column 0) and worst (last column) candidate, and the winner's drift.
 

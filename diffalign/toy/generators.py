@@ -3,7 +3,7 @@ through diffalign.synpic.generators.GENERATORS).
 
 - `ToyRenderGenerator`: the toy renderer itself, drawing a wrong caption with probability `corrupt_p`
   (seed-dependent): a free, exact generator for tests and demos.
-- `ToySamplerGenerator`: the toy world's pixel-space UNet sampled with `diffalign.toy.model.sample`.
+- `ToySamplerGenerator`: the toy world's pixel-space UNet sampled by `diffalign.sampling`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class ToyRenderGenerator:
 
 
 class ToySamplerGenerator:
-    """The toy pixel-space model sampled with DDIM + CFG (`diffalign.toy.model.sample`).
+    """The toy pixel-space model sampled with DDIM + CFG (`diffalign.sampling`).
 
     `unet`: a diffusers UNet folder (config.json + safetensors) or a folder holding one under `unet/`
     (and then its noise schedule under `scheduler/`, if there is one);
@@ -99,18 +99,19 @@ class ToySamplerGenerator:
             from diffusers import DDPMScheduler  # a model folder's own schedule (e.g. its prediction type)
 
             scheduler = DDPMScheduler.from_pretrained(str(self.unet_path), subfolder="scheduler")
+        from diffalign.backbones import PixelBackbone
+
         tok = build_tokenizer()
         te = build_text_encoder(tok, seed=self.text_encoder_seed).to(device)
-        self._parts = (unet.eval().to(device), te, tok, scheduler)
+        self._parts = PixelBackbone(unet.eval().to(device), scheduler, te, tok, source=str(self.unet_path))
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Image.Image]:
-        from diffalign.toy.model import sample
+        from diffalign.sampling import sample_images
 
         check_seeds(prompts, seeds)
         if self._parts is None:
             self._load()
-        unet, te, tok, sched = self._parts
-        arr = sample(
-            unet, te, tok, sched, list(prompts), list(seeds), self.steps, self.guidance, self.batch_size
-        )
+        bb = self._parts
+        arr = sample_images(bb, bb.denoiser, list(prompts), list(seeds), steps=self.steps, guidance=self.guidance,
+                            batch_size=self.batch_size)  # fmt: skip
         return [Image.fromarray(a) for a in arr]

@@ -1,4 +1,4 @@
-"""The toy world's pixel-space denoiser, its noise schedule, and a self-contained sampler.
+"""The toy world's pixel-space denoiser and its noise schedule (sampled by `diffalign.sampling`).
 
 The denoiser is a diffusers `UNet2DConditionModel` on RGB pixels in [-1, 1] (3 -> 3 channels, no VAE):
 block_out_channels (w, 2w, 4w) with w = 16 by default (0.98 M parameters), one layer per block,
@@ -12,20 +12,13 @@ epsilon prediction), measured on this machine kind with the same data and 1000 s
 cross-attention at 8x8 cost half of each step; without the pooled prompt the colour was near chance; and
 with epsilon prediction the colours came out shifted (green as cyan, red as orange) with tinted
 backgrounds, while x0 prediction gave clean backgrounds and the colour the caption asked for.
-
-`sample` is DDIM (eta 0) with optional classifier-free guidance against the empty prompt, one seed per
-image (the initial noise of image i depends only on seeds[i], not on the batch it is in). It is kept
-self-contained so the backbone can take it over later.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import numpy as np
 import torch
 
-from diffalign.toy.text import TOY_HIDDEN, encode_prompts
+from diffalign.toy.text import TOY_HIDDEN
 from diffalign.toy.world import DEFAULT_SIZE
 
 TOY_NUM_TRAIN_TIMESTEPS = 1000
@@ -79,73 +72,3 @@ def build_scheduler():
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(**scheduler_config())
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[N, 3, H, W] in [-1, 1] -> uint8 [N, H, W, 3]."""
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def initial_noise(
-    seeds: Sequence[int], shape: tuple[int, int, int], device="cpu", dtype=torch.float32
-) -> torch.Tensor:
-    """[N, *shape] standard normal noise, row i drawn from a CPU generator seeded with seeds[i]."""
-    rows = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
-    return torch.stack(rows).to(device=device, dtype=dtype)
-
-
-@torch.no_grad()
-def sample(
-    unet,
-    text_encoder,
-    tokenizer,
-    scheduler,
-    prompts: Sequence[str],
-    seeds: Sequence[int],
-    steps: int = 20,
-    guidance: float = 5.0,
-    batch_size: int = 256,
-    size: int | None = None,
-) -> np.ndarray:
-    """DDIM (eta 0) + classifier-free guidance; returns uint8 [N, H, W, 3].
-
-    `scheduler` is any diffusers scheduler (or its config); a DDIMScheduler is built from its config.
-    guidance <= 1 skips the unconditional pass. Runs on the unet's device and dtype.
-
-    For an x0-predicting model the guided x0 is clipped here, before the DDIM step: diffusers' step derives
-    the noise from the x0 it is given and only then clips, so a guided x0 far outside [-1, 1] would put the
-    overshoot into the noise and flip colours to their complements (measured: red prompts drawn cyan)."""
-    from diffusers import DDIMScheduler
-
-    if len(prompts) != len(seeds):
-        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
-    config = scheduler if isinstance(scheduler, dict) else scheduler.config
-    ddim = DDIMScheduler.from_config(config)
-    ddim.set_timesteps(steps)
-    clip_x0 = ddim.config.prediction_type == "sample" and ddim.config.clip_sample
-    device, dtype = unet.device, unet.dtype
-    size = size or unet.config.sample_size
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        ps = list(prompts[start : start + batch_size])
-        cond = encode_prompts(tokenizer, text_encoder, ps).to(device, dtype)
-        use_cfg = guidance > 1.0
-        if use_cfg:
-            uncond = encode_prompts(tokenizer, text_encoder, [""]).to(device, dtype).expand_as(cond)
-            context = torch.cat([uncond, cond])
-        x = initial_noise(
-            seeds[start : start + batch_size], (unet.config.in_channels, size, size), device, dtype
-        )
-        x = x * ddim.init_noise_sigma
-        for t in ddim.timesteps:
-            if use_cfg:
-                pred_u, pred_c = unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample.chunk(2)
-                pred = pred_u + guidance * (pred_c - pred_u)
-                if clip_x0:
-                    pred = pred.clamp(-ddim.config.clip_sample_range, ddim.config.clip_sample_range)
-            else:
-                pred = unet(x, t, encoder_hidden_states=cond).sample
-            x = ddim.step(pred, t, x, eta=0.0).prev_sample
-        out.append(to_uint8(x))
-    return np.concatenate(out) if out else np.zeros((0, size, size, 3), dtype=np.uint8)

@@ -192,7 +192,7 @@ class Trainer:
 
     def _dataset(self):
         if self.cfg.cache.enabled:
-            from diffalign.data.cache import CachedPreferenceDataset, cache_dir_for
+            from diffalign.training.cache import CachedPreferenceDataset, cache_dir_for
 
             return CachedPreferenceDataset(cache_dir_for(self.cfg), self.backbone, self.cfg)
         from diffalign.data import build_preference_dataset

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from diffalign.atomic import atomic_path, remove_temps, write_atomic
-from diffalign.data.dataset import item_draws
+from diffalign.data.dataset import candidate_flips, item_draws
 
 INDEX = "index.json"
 FORMAT_VERSION = 1
@@ -187,15 +187,21 @@ class CachedPreferenceDataset(torch.utils.data.Dataset):
         shard = self.index["items"].get(str(index))
         if shard is None:
             return None  # unusable when the cache was built (counted then)
-        _, flip, drop = item_draws(self.data.cfg, self.seed, self.epoch, index)
-        f = int(flip)
+        rng, flip, drop = item_draws(self.data.cfg, self.seed, self.epoch, index)
         captions = self.data.captions(index)
+        flips = [int(f) for f in candidate_flips(self.data.cfg, rng, flip, len(captions))]
         captions = [""] * len(captions) if drop else captions
+
+        def field(name: str) -> torch.Tensor:  # candidate j in its own orientation
+            if len(set(flips)) == 1:
+                return self._get(shard, f"i.{index}.{flips[0]}.{name}")
+            return torch.stack([self._get(shard, f"i.{index}.{f}.{name}")[j] for j, f in enumerate(flips)])
+
         return {
-            "latent_mean": self._get(shard, f"i.{index}.{f}.mean"),
-            "latent_std": self._get(shard, f"i.{index}.{f}.std"),
-            "original_size": self._get(shard, f"i.{index}.{f}.original_size"),
-            "crop_top_left": self._get(shard, f"i.{index}.{f}.crop_top_left"),
+            "latent_mean": field("mean"),
+            "latent_std": field("std"),
+            "original_size": field("original_size"),
+            "crop_top_left": field("crop_top_left"),
             "cond": self._cond(captions),
             "captions": captions,
             "phi": torch.from_numpy(self.data.phi[index].astype("float32")),
