@@ -60,13 +60,14 @@ def test_prompt_sources_file_jsonl_callable_hf(tmp_path):
     s = load_suite(_write(tmp_path, "name: b\nprompts: {type: file, path: p.jsonl, field: text}\n"))
     assert [i.metadata for i in s.load_prompts()] == [{"prompt": "x", "k": 1}, {"prompt": "y"}]
 
-    s = load_suite(_write(tmp_path, "name: c\nprompts:\n  - {type: callable, target: 'tests.test_eval_suites:bad', kwargs: {n: 2}}\n"))
+    # callable sources run code: only with allow_code (tests/test_suite_security.py)
+    s = load_suite(_write(tmp_path, "name: c\nprompts:\n  - {type: callable, target: 'tests.test_eval_suites:bad', kwargs: {n: 2}}\n"), allow_code=True)
     with pytest.raises(SuiteError, match="strings or dicts"):
         s.load_prompts()
-    s = load_suite(_write(tmp_path, "name: c\nprompts: {type: callable, target: 'tests.test_eval_suites:toy_prompts'}\n"))
+    s = load_suite(_write(tmp_path, "name: c\nprompts: {type: callable, target: 'tests.test_eval_suites:toy_prompts'}\n"), allow_code=True)
     assert [i.prompt for i in s.load_prompts()] == ["a", "b", "c"]
     assert [i.prompt for i in s.load_prompts(limit=2)] == ["a", "b"]
-    s = load_suite(_write(tmp_path, "name: c\nprompts: {type: callable, target: 'nowhere.mod:fn'}\n"))
+    s = load_suite(_write(tmp_path, "name: c\nprompts: {type: callable, target: 'nowhere.mod:fn'}\n"), allow_code=True)
     with pytest.raises(SuiteError, match="cannot be imported"):
         s.load_prompts()
 

@@ -113,12 +113,17 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolution", type=int, help="override the suite's resolution (square)")
     p.add_argument("--sampler", help="override the suite's sampler")
     p.add_argument("--no-geneval", action="store_true", help="skip the GenEval detector even if the suite asks")
+    p.add_argument(
+        "--allow-code-in-suites", action="store_true",
+        help="let the suite file import and run Python code (a `callable` prompt source or `module:factory` "
+        "scorers); refused by default because a suite file is data",
+    )  # fmt: skip
     _add_common(p)
     args = p.parse_args(argv)
     args.device = args.device or _device_default()
     dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     try:
-        suite = load_suite(args.suite)
+        suite = load_suite(args.suite, allow_code=args.allow_code_in_suites)
         updates = {
             k: v
             for k, v in {

@@ -2,7 +2,7 @@
 
     name: my-suite
     prompts:                       # one source, or a list of sources (each may carry a `group`)
-      type: file                   # file | hf | hf_file | geneval | callable
+      type: file                   # file | hf | hf_file | geneval (| callable, only with allow_code)
       path: prompts.txt            # relative to the suite file; .txt (one per line) or .jsonl ("prompt" key)
     images_per_prompt: 4
     seeds: {base: 42, scheme: shared}   # shared: image k of every prompt uses base + k
@@ -16,6 +16,10 @@
     anchors: {...}                 # published numbers, free-form, for sanity checks
 
 Suites shipped with diffalign live in `eval/suites/`; `load_suite("geneval")` finds them by name.
+
+A suite file is data. The two fields that name Python code, a `callable` prompt source and a
+`package.module:factory` entry in `scorers`, import and run that code, so `load_suite` refuses them unless
+the caller passes `allow_code=True` (`diffalign eval --allow-code-in-suites`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 SUITES_DIR = Path(__file__).resolve().parents[2] / "eval" / "suites"
+ALLOW_CODE_FLAG = "--allow-code-in-suites"
 SAMPLERS = ("default", "ddim", "pndm", "ddpm", "euler", "euler_a", "dpmsolver++", "unipc")
 
 
@@ -82,6 +87,8 @@ class GenEvalSource(_Source):
 
 
 class CallableSource(_Source):
+    """Runs Python code: `load_suite` refuses it unless called with allow_code=True."""
+
     type: Literal["callable"]
     target: str  # "package.module:function" returning a list of str or of dicts with a "prompt" key
     kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -241,8 +248,16 @@ def available_suites() -> list[str]:
     return sorted({p.stem for d in suite_dirs() if d.is_dir() for p in d.glob("*.yaml")})
 
 
-def load_suite(name_or_path: str | Path) -> Suite:
-    """Load a suite by file path or by name (looked up in $DIFFALIGN_SUITES, then eval/suites/)."""
+def code_in_suite(suite: Suite) -> list[str]:
+    """The import paths a suite would run: `callable` prompt targets and `module:factory` scorers."""
+    return [s.target for s in suite.prompts if s.type == "callable"] + [s for s in suite.scorers if ":" in s]
+
+
+def load_suite(name_or_path: str | Path, allow_code: bool = False) -> Suite:
+    """Load a suite by file path or by name (looked up in $DIFFALIGN_SUITES, then eval/suites/).
+
+    A suite that names Python code (a `callable` prompt source, a `module:factory` scorer) is refused
+    unless `allow_code` is True: suite files are data, and loading one must not run code."""
     path = Path(name_or_path)
     if not path.is_file():
         found = [d / f"{name_or_path}.yaml" for d in suite_dirs() if (d / f"{name_or_path}.yaml").is_file()]
@@ -257,6 +272,13 @@ def load_suite(name_or_path: str | Path) -> Suite:
         raise SuiteError(f"{path}: a suite file must be a mapping")
     data["path"] = str(path.resolve())
     try:
-        return Suite.model_validate(data)
+        suite = Suite.model_validate(data)
     except ValidationError as e:
         raise SuiteError(f"{path}: invalid suite:\n{e}") from e
+    code = code_in_suite(suite)
+    if code and not allow_code:
+        raise SuiteError(
+            f"{path}: the suite names Python code to import and run ({', '.join(code)}); suites are data, so "
+            f"this is refused: pass {ALLOW_CODE_FLAG} to diffalign eval if you trust this file"
+        )
+    return suite
