@@ -56,6 +56,30 @@ def decode_image(value, base_dir: str | None = None) -> Image.Image:
             img.load()  # force the full decode now: truncated JPEGs fail here, not later
         except Exception as err:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError...)
             raise UnusableImage("corrupt_image", f"undecodable image: {type(err).__name__}: {err}") from err
+    return to_rgb(img)
+
+
+#: PIL modes holding one channel wider than 8 bits: 16-bit unsigned ("I;16*", what 16-bit grayscale PNG
+#: and TIFF open as), 32-bit signed ("I") and 32-bit float ("F").
+HIGH_BIT_DEPTH_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def high_bit_depth_to_l(img: Image.Image) -> Image.Image:
+    """A one-channel image wider than 8 bits -> 8-bit "L", scaling its full range onto 0..255.
+
+    PIL's own convert("RGB") clips these values at 255 instead of scaling them, so a mid-grey 16-bit
+    PNG (32768) comes out white. Rules: "I;16*" and "I" are read as 16-bit, 0..65535 -> v / 257 (0 -> 0,
+    65535 -> 255, 32768 -> 128); "F" is read as floats in [0, 1] -> v * 255. Values outside the range
+    are clipped, and the result is rounded to the nearest integer."""
+    arr = np.asarray(img, dtype=np.float64)
+    scaled = arr * 255.0 if img.mode == "F" else arr / 257.0
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any decoded PIL image -> 8-bit RGB (the decode rule of docs/data.md, "Image decoding")."""
+    if img.mode in HIGH_BIT_DEPTH_GREY:
+        img = high_bit_depth_to_l(img)
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
@@ -96,11 +120,11 @@ def transform_item(
     """
     if len(images) == 0:
         raise ValueError("transform_item needs at least one image")
-    first = images[0].convert("RGB") if images[0].mode != "RGB" else images[0]
+    first = to_rgb(images[0])
     width, height = first.size
     same = [first]
     for img in images[1:]:
-        img = img.convert("RGB") if img.mode != "RGB" else img
+        img = to_rgb(img)
         same.append(img if img.size == (width, height) else img.resize((width, height), Image.BICUBIC))
     new_h, new_w = resized_shape(height, width, resolution)
     if random_crop:

@@ -1,0 +1,57 @@
+"""decode_image (training data, `diffalign score`, the eval report): wide grey, EXIF orientation, alpha
+and other modes all become the 8-bit RGB a viewer would show (docs/data.md, "Image decoding")."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffalign.data.transforms import decode_image, transform_item
+
+
+def _encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _rgb(img: Image.Image) -> np.ndarray:
+    assert img.mode == "RGB"
+    return np.asarray(img).astype(int)
+
+
+# ---------------------------------------------------------------------------------------- 16-bit grey
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_16_bit_grey_is_scaled_not_clipped(fmt, tmp_path):
+    levels = np.array([[0, 257, 32768, 65535]], dtype=np.uint16).repeat(4, axis=0)  # black, 1/255, mid, white
+    data = _encode(Image.fromarray(levels), fmt)
+    assert Image.open(io.BytesIO(data)).mode.startswith("I;16")  # what these files open as
+    out = _rgb(decode_image(data))
+    assert out[0, :, 0].tolist() == [0, 1, 128, 255]
+    assert (out == out[..., :1]).all()  # grey stays grey
+    path = tmp_path / f"grey.{fmt.lower()}"
+    path.write_bytes(data)
+    assert abs(_rgb(decode_image(str(path))).mean() - (0 + 1 + 128 + 255) / 4) < 1e-9
+
+
+def test_mid_grey_16_bit_png_reads_as_mid_grey():
+    data = _encode(Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)))
+    assert abs(_rgb(decode_image(data)).mean() - 128) <= 1
+
+
+def test_32_bit_int_and_float_modes():
+    i32 = Image.fromarray(np.array([[0, 32768, 65535, 70000]], dtype=np.int32))
+    assert i32.mode == "I"
+    assert _rgb(decode_image(i32))[0, :, 0].tolist() == [0, 128, 255, 255]  # 16-bit range, clipped above
+    f32 = Image.fromarray(np.array([[0.0, 0.5, 1.0, 2.0]], dtype=np.float32))
+    assert f32.mode == "F"
+    assert _rgb(decode_image(f32))[0, :, 0].tolist() == [0, 128, 255, 255]  # [0, 1] floats
+
+
+def test_transform_item_uses_the_same_rule_for_pil_inputs():
+    grey16 = Image.fromarray(np.full((16, 16), 32768, dtype=np.uint16))
+    px = transform_item([grey16], resolution=16, random_crop=False, flip=False)["pixel_values"]
+    assert abs(float(px.mean()) - (128 / 127.5 - 1)) < 1e-6
