@@ -55,3 +55,35 @@ def test_transform_item_uses_the_same_rule_for_pil_inputs():
     grey16 = Image.fromarray(np.full((16, 16), 32768, dtype=np.uint16))
     px = transform_item([grey16], resolution=16, random_crop=False, flip=False)["pixel_values"]
     assert abs(float(px.mean()) - (128 / 127.5 - 1)) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------- EXIF orientation
+
+
+def _left_red_right_blue(w=32, h=16) -> Image.Image:
+    arr = np.zeros((h, w, 3), dtype=np.uint8)
+    arr[:, : w // 2] = (255, 0, 0)
+    arr[:, w // 2 :] = (0, 0, 255)
+    return Image.fromarray(arr)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_exif_orientation_is_applied(fmt):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the stored image must be turned 90 degrees clockwise to be shown
+    data = _encode(_left_red_right_blue(), fmt, exif=exif.tobytes())
+    out = _rgb(decode_image(data))
+    assert out.shape == (32, 16, 3)  # (H, W): the 32x16 stored image is shown 16 wide, 32 tall
+    # turning clockwise moves the stored left edge (red) to the top and the right edge (blue) to the bottom
+    top, bottom = out[2, 8], out[-3, 8]
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60
+
+
+def test_exif_orientation_of_pil_inputs_and_no_tag():
+    exif = Image.Exif()
+    exif[0x0112] = 3  # upside down: turn 180 degrees
+    img = Image.open(io.BytesIO(_encode(_left_red_right_blue(), "PNG", exif=exif.tobytes())))
+    out = _rgb(decode_image(img))
+    assert out.shape == (16, 32, 3) and out[8, 2, 2] > 200 and out[8, -3, 0] > 200  # blue left, red right
+    plain = _rgb(decode_image(_encode(_left_red_right_blue(), "PNG")))
+    assert plain[8, 2, 0] == 255 and plain[8, -3, 2] == 255  # no tag: unchanged

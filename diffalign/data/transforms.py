@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 class UnusableImage(Exception):
@@ -77,7 +77,9 @@ def high_bit_depth_to_l(img: Image.Image) -> Image.Image:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any decoded PIL image -> 8-bit RGB (the decode rule of docs/data.md, "Image decoding")."""
+    """Any decoded PIL image -> 8-bit RGB, the way a viewer shows it (docs/data.md, "Image decoding"):
+    turned upright by its EXIF orientation, wide grey scaled onto 0..255."""
+    img = ImageOps.exif_transpose(img)  # a copy without the orientation tag; applying it twice is a no-op
     if img.mode in HIGH_BIT_DEPTH_GREY:
         img = high_bit_depth_to_l(img)
     return img.convert("RGB") if img.mode != "RGB" else img
