@@ -87,3 +87,42 @@ def test_exif_orientation_of_pil_inputs_and_no_tag():
     assert out.shape == (16, 32, 3) and out[8, 2, 2] > 200 and out[8, -3, 0] > 200  # blue left, red right
     plain = _rgb(decode_image(_encode(_left_red_right_blue(), "PNG")))
     assert plain[8, 2, 0] == 255 and plain[8, -3, 2] == 255  # no tag: unchanged
+
+
+# ---------------------------------------------------------------------------------------- alpha and modes
+
+WHITE = [255, 255, 255]
+
+
+def test_rgba_is_composited_onto_white():
+    arr = np.zeros((4, 4, 4), dtype=np.uint8)  # transparent black everywhere ...
+    arr[0, 0] = (255, 0, 0, 255)  # ... but one opaque red pixel
+    arr[0, 1] = (255, 0, 0, 128)  # and one half-transparent red pixel
+    out = _rgb(decode_image(_encode(Image.fromarray(arr, "RGBA"))))
+    assert out[0, 0].tolist() == [255, 0, 0]
+    assert out[0, 1, 0] == 255 and abs(out[0, 1, 1] - 127) <= 1 and abs(out[0, 1, 2] - 127) <= 1
+    assert out[3, 3].tolist() == WHITE  # dropping alpha would have given black
+
+
+def test_la_and_palette_transparency_are_composited_onto_white():
+    la = Image.fromarray(np.stack([np.zeros((4, 4), np.uint8), np.zeros((4, 4), np.uint8)], -1), "LA")
+    assert _rgb(decode_image(_encode(la)))[0, 0].tolist() == WHITE
+    p = Image.new("P", (4, 4), 0)
+    p.putpalette([0, 0, 0, 0, 255, 0] + [0] * (256 * 3 - 6))
+    p.putpixel((1, 1), 1)
+    out = _rgb(decode_image(_encode(p, transparency=0)))  # palette index 0 (black) is transparent
+    assert out[0, 0].tolist() == WHITE and out[1, 1].tolist() == [0, 255, 0]
+    key = Image.new("RGB", (4, 4), (10, 20, 30))
+    key.putpixel((2, 2), (200, 0, 0))
+    out = _rgb(decode_image(_encode(key, transparency=(10, 20, 30))))  # an RGB PNG with a transparent colour
+    assert out[0, 0].tolist() == WHITE and out[2, 2].tolist() == [200, 0, 0]
+
+
+def test_cmyk_and_other_modes_convert():
+    cmyk = Image.new("CMYK", (8, 8), (255, 0, 0, 0))  # pure cyan ink
+    out = _rgb(decode_image(_encode(cmyk, "JPEG", quality=100)))
+    assert np.abs(out - [0, 255, 255]).max() <= 3
+    out = _rgb(decode_image(_encode(Image.new("L", (4, 4), 77))))
+    assert (out == 77).all()
+    out = _rgb(decode_image(_encode(Image.new("1", (4, 4), 1))))
+    assert (out == 255).all()

@@ -56,8 +56,15 @@ def decode_image(value, base_dir: str | None = None) -> Image.Image:
             img.load()  # force the full decode now: truncated JPEGs fail here, not later
         except Exception as err:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError...)
             raise UnusableImage("corrupt_image", f"undecodable image: {type(err).__name__}: {err}") from err
-    return to_rgb(img)
+    try:
+        return to_rgb(img)
+    except Exception as err:  # a broken EXIF block, a mode PIL cannot convert
+        raise UnusableImage("corrupt_image", f"cannot convert a {img.mode} image to RGB: {err}") from err
 
+
+#: what transparent pixels are composited onto (docs/data.md): white, as browsers show a transparent PNG
+#: on a default page and as transformers' image processors composite transparency.
+ALPHA_BACKGROUND = (255, 255, 255)
 
 #: PIL modes holding one channel wider than 8 bits: 16-bit unsigned ("I;16*", what 16-bit grayscale PNG
 #: and TIFF open as), 32-bit signed ("I") and 32-bit float ("F").
@@ -76,12 +83,22 @@ def high_bit_depth_to_l(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
 
 
+def composite_on_background(img: Image.Image, background: tuple[int, int, int] = ALPHA_BACKGROUND) -> Image.Image:
+    """An image with transparency (RGBA, LA, PA, premultiplied RGBa / La, or a palette / L / RGB image
+    with a transparent colour) -> RGB, alpha-composited over `background`."""
+    rgba = img.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba).convert("RGB")
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any decoded PIL image -> 8-bit RGB, the way a viewer shows it (docs/data.md, "Image decoding"):
-    turned upright by its EXIF orientation, wide grey scaled onto 0..255."""
+    turned upright by its EXIF orientation, wide grey scaled onto 0..255, transparency composited onto
+    white, other modes (L, P, CMYK, YCbCr, 1 ...) through PIL's conversion."""
     img = ImageOps.exif_transpose(img)  # a copy without the orientation tag; applying it twice is a no-op
     if img.mode in HIGH_BIT_DEPTH_GREY:
         img = high_bit_depth_to_l(img)
+    if img.has_transparency_data:
+        return composite_on_background(img)
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
