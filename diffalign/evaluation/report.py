@@ -8,8 +8,6 @@ import io
 import json
 from pathlib import Path
 
-from PIL import Image
-
 
 def _fmt(v, digits: int = 4) -> str:
     if v is None:
@@ -102,7 +100,9 @@ def _png_b64(fig) -> str:
 
 
 def _thumb_b64(path: Path, size: int = 160) -> str:
-    img = Image.open(path).convert("RGB")
+    from diffalign.data.transforms import decode_image
+
+    img = decode_image(str(path))
     img.thumbnail((size, size))
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=85)

@@ -147,8 +147,13 @@ def score_entries(
     progress: bool = True,
     rel_to: str | Path | None = None,
 ) -> list[dict]:
-    """Score rows from `layout_entries` / `flat_entries` with every scorer; returns result rows."""
+    """Score rows from `layout_entries` / `flat_entries` with every scorer; returns result rows.
+
+    Image files are read with the training data's decode rule (`diffalign.data.transforms.decode_image`:
+    EXIF orientation, 16-bit grey scaled, transparency composited onto white; docs/data.md)."""
     from tqdm.auto import tqdm
+
+    from diffalign.data.transforms import decode_image
 
     rows = []
     for e in entries:
@@ -158,7 +163,7 @@ def score_entries(
         bar = tqdm(total=len(rows), desc=f"score {model} {name}", unit="img", disable=not progress)
         for i in range(0, len(rows), batch_size):
             chunk = entries[i : i + batch_size]
-            images = [Image.open(e["path"]).convert("RGB") for e in chunk]
+            images = [decode_image(e["path"]) for e in chunk]
             values = scorer.score(images, [e["prompt"] for e in chunk])
             for r, v in zip(rows[i : i + batch_size], values.tolist(), strict=True):
                 r["scores"][name] = float(v)
