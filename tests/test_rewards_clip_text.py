@@ -1,4 +1,5 @@
-"""CLIP-S text: cleaned as OpenAI CLIP / open_clip clean it."""
+"""CLIP-S text: cleaned as OpenAI CLIP / open_clip clean it; CLIPScore on prompts over 77 tokens: the end
+token is kept, so the score depends on the prompt (torchmetrics' slicing would not)."""
 
 import pytest
 import torch
@@ -44,3 +45,28 @@ def test_clipscore_keeps_transformers_tokenisation_by_default():
     assert create_scorer("clipscore", tiny=True, device="cpu").clean_text is False
     assert create_scorer("clipscore", tiny=True, device="cpu", clean_text=True).clean_text is True
 
+
+# ---------------------------------------------------------------------------------------- > 77 tokens
+
+HEAD_A = "a red fox in the snow, "
+HEAD_B = "a blue whale in the sea, "
+TAIL = "with " + ", ".join(f"detail number {i}" for i in range(40)) + ", highly detailed"
+
+
+def test_long_prompt_score_depends_on_its_content():
+    s = create_scorer("clipscore", tiny=True, device="cpu")
+    a, b = HEAD_A + TAIL, HEAD_B + TAIL
+    n = len(s.tokenizer(a)["input_ids"])
+    assert n > 77 and len(s.tokenizer(b)["input_ids"]) > 77
+    imgs = [make_image(64, 64, seed=3)]
+    assert abs(float(s.score(imgs, a)) - float(s.score(imgs, b))) > 1e-3
+    ids = s.tokenizer([a], truncation=True, max_length=77)["input_ids"][0]
+    assert len(ids) == 77 and ids[-1] == s.tokenizer.eos_token_id  # the end token is kept
+
+    # why: torchmetrics slices the untruncated ids to 77, dropping the end token; with this config's end-token
+    # id, CLIP then pools the start token, which (causal attention) sees nothing of the prompt
+    full = s.tokenizer([a, b], padding=True, return_tensors="pt")["input_ids"][:, :77]
+    assert not (full == s.tokenizer.eos_token_id).any()
+    with torch.no_grad():
+        feats = s.model.get_text_features(input_ids=full).pooler_output
+    torch.testing.assert_close(feats[0], feats[1])

@@ -33,7 +33,14 @@ CLIP_S_PREFIX = "A photo depicts "
 
 
 class CLIPScoreScorer(HFCLIPScorer):
-    """torchmetrics-style CLIPScore: 100 * max(cos, 0)."""
+    """torchmetrics-style CLIPScore: 100 * max(cos, 0).
+
+    Departure from torchmetrics for prompts over 77 tokens: torchmetrics slices the token ids to 77,
+    dropping the end token, so CLIP pools the wrong token: the start token (a feature that does not depend
+    on the prompt, so every long prompt gets the same text feature) when the config has the corrected
+    end-token id, or the largest-id token when it has the legacy id 2. We truncate keeping the end token
+    (as `clip.tokenize(truncate=True)` does), so the score depends on the first 75 prompt tokens
+    (docs/rewards.md)."""
 
     name = "clipscore"
 
