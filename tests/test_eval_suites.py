@@ -105,6 +105,8 @@ def test_win_rates_and_summary_arithmetic():
     a = _rows("a", [[1.0, 3.0], [0.0, 0.0], [5.0, 5.0], [1.0, 1.0]])  # per-prompt means 2, 0, 5, 1
     b = _rows("b", [[2.0, 1.0], [1.0, 1.0], [5.0, 5.0], [0.0, 0.0]])  # 1.5, 1, 5, 0
     w = win_rates(a, b, {"loss": False})
+    ci = (w["s"].pop("ci_low"), w["s"].pop("ci_high"))  # 95% Wilson interval (tests/test_report_html.py)
+    assert ci[0] < 2.5 / 4 < ci[1]
     assert w["s"] == {"win_rate": (2 + 0.5) / 4, "wins": 2, "ties": 1, "losses": 1, "prompts": 4}
     assert w["loss"]["wins"] == 1 and w["loss"]["losses"] == 2  # lower is better flips the comparison
     s = summarize_scores(a)["s"]

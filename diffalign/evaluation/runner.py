@@ -218,7 +218,9 @@ def per_prompt_means(rows: list[dict], name: str) -> dict[int, float]:
 
 def win_rates(rows_a: list[dict], rows_b: list[dict], higher_is_better: dict[str, bool] | None = None) -> dict:
     """Per scorer, over the prompts both models have: the fraction where A's mean score beats B's
-    (ties count half), with the raw win/tie/loss counts."""
+    (ties count half), its 95% Wilson interval (ci_low, ci_high), and the raw win/tie/loss counts."""
+    from diffalign.evaluation.stats import wilson_interval
+
     higher_is_better = higher_is_better or {}
     names = sorted({k for r in rows_a for k in r["scores"]} & {k for r in rows_b for k in r["scores"]})
     out = {}
@@ -229,8 +231,11 @@ def win_rates(rows_a: list[dict], rows_b: list[dict], higher_is_better: dict[str
         wins = sum(1 for i in common if sign * (a[i] - b[i]) > 0)
         ties = sum(1 for i in common if a[i] == b[i])
         n = len(common)
+        ci_low, ci_high = wilson_interval(wins + 0.5 * ties, n)
         out[name] = {
             "win_rate": (wins + 0.5 * ties) / n if n else float("nan"),
+            "ci_low": ci_low,
+            "ci_high": ci_high,
             "wins": wins,
             "ties": ties,
             "losses": n - wins - ties,
