@@ -85,6 +85,10 @@ def _header_lines(summary: dict) -> list[str]:
     st = summary.get("settings") or {}
     if st:
         lines.append("Settings: " + ", ".join(f"{k}={v}" for k, v in sorted(st.items()) if k != "model") + ".")
+    for label, m in summary["models"].items():
+        if m.get("skipped"):
+            lines.append(f"{label}: skipped {len(m['skipped'])} image file(s) that could not be read, e.g. "
+                         f"{m['skipped'][0]['path']} ({m['skipped'][0]['reason']}).")  # fmt: skip
     return lines
 
 

@@ -189,7 +189,10 @@ def _read_source(src, base: Path) -> list:
             path = hf_hub_download(src.repo, src.filename, repo_type=src.repo_type)
         except Exception as e:  # offline, missing repo or file
             raise SuiteError(f"could not fetch {src.filename} from {src.repo}: {e}") from e
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        try:
+            data = json.loads(_read_text(Path(path)))
+        except json.JSONDecodeError as e:
+            raise SuiteError(f"{src.filename} from {src.repo}: not valid JSON: {e}") from e
         return [x if isinstance(x, str) else x["prompt"] for x in data]
     if src.type == "hf":
         return _read_hf(src)
@@ -222,21 +225,35 @@ def _read_hf(src: HFSource) -> list:
     return out
 
 
+def _read_text(path: Path) -> str:
+    from diffalign.data.sources import read_utf8_text
+
+    return read_utf8_text(path, error=SuiteError)
+
+
 def read_prompt_file(path: str | Path, key: str = "prompt") -> list:
-    """A .txt file (one prompt per non-empty line) or a .jsonl file (one object per line with `key`)."""
+    """A .txt file (one prompt per non-empty line) or a .jsonl file (one object per line with `key`), in
+    UTF-8. A file that is not UTF-8, a bad JSON line, or a file with no prompt is a one-line SuiteError."""
     path = Path(path)
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    numbered = [(n, ln) for n, ln in enumerate(_read_text(path).splitlines(), 1) if ln.strip()]
+    if not numbered:
+        raise SuiteError(f"prompt file {str(path)!r} holds no prompts")
     if path.suffix == ".jsonl":
         out = []
-        for n, ln in enumerate(lines, 1):
-            obj = json.loads(ln)
+        for n, ln in numbered:
+            try:
+                obj = json.loads(ln)
+            except json.JSONDecodeError as err:
+                raise SuiteError(f"{path}:{n}: not valid JSON: {err}") from err
+            if not isinstance(obj, dict):
+                raise SuiteError(f"{path}:{n}: expected a JSON object with a {key!r} key, got {type(obj).__name__}")
             if key not in obj:
                 raise SuiteError(f"{path}:{n}: no {key!r} key")
             if key != "prompt":
                 obj = {"prompt": obj[key], **{k: v for k, v in obj.items() if k != key}}
             out.append(obj)
         return out
-    return lines
+    return [ln for _, ln in numbered]
 
 
 def suite_dirs() -> list[Path]:
@@ -265,7 +282,7 @@ def load_suite(name_or_path: str | Path, allow_code: bool = False) -> Suite:
             raise SuiteError(f"no suite {str(name_or_path)!r}: not a file and not one of {', '.join(available_suites())}")
         path = found[0]
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(_read_text(path))
     except yaml.YAMLError as e:
         raise SuiteError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
