@@ -1,6 +1,7 @@
 """Image decoding and the joint crop/flip of one item's candidates (pure functions).
 
-Conventions (docs/data.md, methods.md sec. 0.3-0.4), following the diffusers SDXL DPO port and MaPO:
+Conventions (docs/data.md, "Transform conventions and where they come from"), following the diffusers
+SDXL DPO port and MaPO:
 1. every other candidate is resized to the WINNER's (W, H), so one crop window fits all of them;
    `original_size` is the winner's true (H, W) for every candidate (SDXL micro-conditioning);
 2. the shorter side is resized to `resolution` (bilinear, antialiased), the longer side to
