@@ -84,3 +84,18 @@ def test_eval_help_documents_the_flag(capsys):
     with pytest.raises(SystemExit):
         eval_main(["--help"])
     assert ALLOW_CODE_FLAG in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("name: x\nprompts: {type: file, path: p.txt}\nstepz: 3\n", "stepz: Extra inputs are not permitted"),
+        ("name: x\nprompts: {type: file, path: p.txt}\nsampler: magic\n", "unknown sampler 'magic'"),
+        ("name: x\nprompts: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_invalid_suite_errors_are_one_line(tmp_path, text, fragment):
+    path = _write(tmp_path, text)
+    with pytest.raises(SuiteError) as err:
+        load_suite(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value) and fragment in str(err.value)

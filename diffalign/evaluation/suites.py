@@ -284,14 +284,15 @@ def load_suite(name_or_path: str | Path, allow_code: bool = False) -> Suite:
     try:
         data = yaml.safe_load(_read_text(path))
     except yaml.YAMLError as e:
-        raise SuiteError(f"{path}: not valid YAML: {e}") from e
+        raise SuiteError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from e
     if not isinstance(data, dict):
         raise SuiteError(f"{path}: a suite file must be a mapping")
     data["path"] = str(path.resolve())
     try:
         suite = Suite.model_validate(data)
     except ValidationError as e:
-        raise SuiteError(f"{path}: invalid suite:\n{e}") from e
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'suite'}: {err['msg']}" for err in e.errors())
+        raise SuiteError(f"{path}: invalid suite: {problems}") from e
     code = code_in_suite(suite)
     if code and not allow_code:
         raise SuiteError(
