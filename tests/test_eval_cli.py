@@ -98,8 +98,8 @@ def test_eval_end_to_end_resume_and_compare(models, tmp_path, capsys):
     md = (out / "summary.md").read_text()
     assert "| tuned |" in md and "| base |" in md and "win rate of **tuned** over **base**" in md
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3  # two scorer plots + the win-rate plot
-    assert html.count("data:image/jpeg;base64,") == 12  # 3 prompts x 2 images x 2 models
+    assert html.count("<img class='plot'") == 3  # two scorer plots + the win-rate plot
+    assert html.count("<img class='thumb") == 12  # 3 prompts x 2 images x 2 models
 
     # resume: nothing regenerated, files untouched
     img = out / "tuned" / "images" / "00000" / "samples" / "0001.png"

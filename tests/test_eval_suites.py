@@ -60,13 +60,14 @@ def test_prompt_sources_file_jsonl_callable_hf(tmp_path):
     s = load_suite(_write(tmp_path, "name: b\nprompts: {type: file, path: p.jsonl, field: text}\n"))
     assert [i.metadata for i in s.load_prompts()] == [{"prompt": "x", "k": 1}, {"prompt": "y"}]
 
-    s = load_suite(_write(tmp_path, "name: c\nprompts:\n  - {type: callable, target: 'tests.test_eval_suites:bad', kwargs: {n: 2}}\n"))
+    # callable sources run code: only with allow_code (tests/test_suite_security.py)
+    s = load_suite(_write(tmp_path, "name: c\nprompts:\n  - {type: callable, target: 'tests.test_eval_suites:bad', kwargs: {n: 2}}\n"), allow_code=True)
     with pytest.raises(SuiteError, match="strings or dicts"):
         s.load_prompts()
-    s = load_suite(_write(tmp_path, "name: c\nprompts: {type: callable, target: 'tests.test_eval_suites:toy_prompts'}\n"))
+    s = load_suite(_write(tmp_path, "name: c\nprompts: {type: callable, target: 'tests.test_eval_suites:toy_prompts'}\n"), allow_code=True)
     assert [i.prompt for i in s.load_prompts()] == ["a", "b", "c"]
     assert [i.prompt for i in s.load_prompts(limit=2)] == ["a", "b"]
-    s = load_suite(_write(tmp_path, "name: c\nprompts: {type: callable, target: 'nowhere.mod:fn'}\n"))
+    s = load_suite(_write(tmp_path, "name: c\nprompts: {type: callable, target: 'nowhere.mod:fn'}\n"), allow_code=True)
     with pytest.raises(SuiteError, match="cannot be imported"):
         s.load_prompts()
 
@@ -104,6 +105,8 @@ def test_win_rates_and_summary_arithmetic():
     a = _rows("a", [[1.0, 3.0], [0.0, 0.0], [5.0, 5.0], [1.0, 1.0]])  # per-prompt means 2, 0, 5, 1
     b = _rows("b", [[2.0, 1.0], [1.0, 1.0], [5.0, 5.0], [0.0, 0.0]])  # 1.5, 1, 5, 0
     w = win_rates(a, b, {"loss": False})
+    ci = (w["s"].pop("ci_low"), w["s"].pop("ci_high"))  # 95% Wilson interval (tests/test_report_html.py)
+    assert ci[0] < 2.5 / 4 < ci[1]
     assert w["s"] == {"win_rate": (2 + 0.5) / 4, "wins": 2, "ties": 1, "losses": 1, "prompts": 4}
     assert w["loss"]["wins"] == 1 and w["loss"]["losses"] == 2  # lower is better flips the comparison
     s = summarize_scores(a)["s"]

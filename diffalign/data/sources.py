@@ -8,8 +8,10 @@ encoded bytes, {bytes, path} structs or paths). Images are decoded later, in the
 from __future__ import annotations
 
 import bisect
+import codecs
 import glob
 import hashlib
+import io
 import json
 import os
 from collections import OrderedDict
@@ -216,17 +218,35 @@ def open_source(source: str, split: str = "train") -> RowSource:
     return HFSource(_pick_split(ds, split, source), description=f"hub:{source}")
 
 
+def read_utf8_text(path: str | os.PathLike, error: type[Exception] = DataFormatError) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark is dropped). A file that is not UTF-8 raises
+    `error` with one line naming the file, the line and byte offset of the first bad byte, and the fix."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[skip:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        at = skip + err.start
+        line = data.count(b"\n", 0, at) + 1
+        raise error(
+            f"{path}: not UTF-8 text (line {line}, byte offset {at}: {data[at:at + 1]!r}); save the file as "
+            "UTF-8 (e.g. `iconv -f <its encoding> -t utf-8`)"
+        ) from err
+
+
 def read_json_rows(path: str) -> list[dict[str, Any]]:
-    """A .jsonl file (one object per line; blank lines skipped) or a .json list of objects."""
-    with open(path, encoding="utf-8") as fh:
-        if path.endswith(".json"):
-            try:
-                rows = json.load(fh)
-            except json.JSONDecodeError as err:
-                raise DataFormatError(f"{path}: not valid JSON: {err}") from err
-            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-                raise DataFormatError(f"{path}: expected a JSON list of objects")
-            return rows
+    """A .jsonl file (one object per line; blank lines skipped) or a .json list of objects, in UTF-8."""
+    text = read_utf8_text(path)
+    if path.endswith(".json"):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(f"{path}: not valid JSON: {err}") from err
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise DataFormatError(f"{path}: expected a JSON list of objects")
+        return rows
+    with io.StringIO(text, newline=None) as fh:  # \n, \r\n and \r end a line, as when reading the file as text
         rows = []
         for n, line in enumerate(fh, start=1):
             if not line.strip():

@@ -1,6 +1,7 @@
 """Image decoding and the crop/flip of one item's candidates (pure functions).
 
-Joint geometry (docs/data.md), as the diffusers SDXL DPO port and MaPO do it:
+Joint geometry (docs/data.md, "Transform conventions and where they come from"), as the diffusers SDXL DPO
+port and MaPO do it:
 1. every other candidate is resized to one frame image's (W, H), so one crop window fits all of them;
    `original_size` is that frame's true (H, W) for every candidate (SDXL micro-conditioning). The frame is
    the winner (`pair_geometry: joint_winner`) or the first stored image (`joint_first`: jpg_0, as the
@@ -24,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 class UnusableImage(Exception):
@@ -61,6 +62,49 @@ def decode_image(value, base_dir: str | None = None) -> Image.Image:
             img.load()  # force the full decode now: truncated JPEGs fail here, not later
         except Exception as err:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError...)
             raise UnusableImage("corrupt_image", f"undecodable image: {type(err).__name__}: {err}") from err
+    try:
+        return to_rgb(img)
+    except Exception as err:  # a broken EXIF block, a mode PIL cannot convert
+        raise UnusableImage("corrupt_image", f"cannot convert a {img.mode} image to RGB: {err}") from err
+
+
+#: what transparent pixels are composited onto (docs/data.md): white, as browsers show a transparent PNG
+#: on a default page and as transformers' image processors composite transparency.
+ALPHA_BACKGROUND = (255, 255, 255)
+
+#: PIL modes holding one channel wider than 8 bits: 16-bit unsigned ("I;16*", what 16-bit grayscale PNG
+#: and TIFF open as), 32-bit signed ("I") and 32-bit float ("F").
+HIGH_BIT_DEPTH_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def high_bit_depth_to_l(img: Image.Image) -> Image.Image:
+    """A one-channel image wider than 8 bits -> 8-bit "L", scaling its full range onto 0..255.
+
+    PIL's own convert("RGB") clips these values at 255 instead of scaling them, so a mid-grey 16-bit
+    PNG (32768) comes out white. Rules: "I;16*" and "I" are read as 16-bit, 0..65535 -> v / 257 (0 -> 0,
+    65535 -> 255, 32768 -> 128); "F" is read as floats in [0, 1] -> v * 255. Values outside the range
+    are clipped, and the result is rounded to the nearest integer."""
+    arr = np.asarray(img, dtype=np.float64)
+    scaled = arr * 255.0 if img.mode == "F" else arr / 257.0
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+
+
+def composite_on_background(img: Image.Image, background: tuple[int, int, int] = ALPHA_BACKGROUND) -> Image.Image:
+    """An image with transparency (RGBA, LA, PA, premultiplied RGBa / La, or a palette / L / RGB image
+    with a transparent colour) -> RGB, alpha-composited over `background`."""
+    rgba = img.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba).convert("RGB")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any decoded PIL image -> 8-bit RGB, the way a viewer shows it (docs/data.md, "Image decoding"):
+    turned upright by its EXIF orientation, wide grey scaled onto 0..255, transparency composited onto
+    white, other modes (L, P, CMYK, YCbCr, 1 ...) through PIL's conversion."""
+    img = ImageOps.exif_transpose(img)  # a copy without the orientation tag; applying it twice is a no-op
+    if img.mode in HIGH_BIT_DEPTH_GREY:
+        img = high_bit_depth_to_l(img)
+    if img.has_transparency_data:
+        return composite_on_background(img)
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
@@ -119,7 +163,7 @@ def transform_item(
     """
     if len(images) == 0:
         raise ValueError("transform_item needs at least one image")
-    rgb = [img.convert("RGB") if img.mode != "RGB" else img for img in images]
+    rgb = [to_rgb(img) for img in images]
     flips = [bool(f) for f in flip] if isinstance(flip, Sequence) else [bool(flip)] * len(rgb)
     if len(flips) != len(rgb):
         raise ValueError(f"got {len(flips)} flips for {len(rgb)} images")

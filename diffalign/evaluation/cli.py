@@ -91,7 +91,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def eval_main(argv: list[str] | None = None) -> int:
     from diffalign.evaluation.generation import ModelLoadError, is_pixel_folder, make_generator
     from diffalign.evaluation.layout import LayoutError
-    from diffalign.evaluation.runner import ModelRun, ResumeMismatch, model_label, run_eval
+    from diffalign.evaluation.runner import ModelRun, ResumeMismatch, UnreadableImages, model_label, run_eval
     from diffalign.evaluation.suites import SuiteError, load_suite
 
     p = argparse.ArgumentParser(prog="diffalign eval", description="generate a suite's images and score them")
@@ -110,12 +110,17 @@ def eval_main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolution", type=int, help="override the suite's resolution (square)")
     p.add_argument("--sampler", help="override the suite's sampler")
     p.add_argument("--no-geneval", action="store_true", help="skip the GenEval detector even if the suite asks")
+    p.add_argument(
+        "--allow-code-in-suites", action="store_true",
+        help="let the suite file import and run Python code (a `callable` prompt source or `module:factory` "
+        "scorers); refused by default because a suite file is data",
+    )  # fmt: skip
     _add_common(p)
     args = p.parse_args(argv)
     args.device = args.device or _device_default()
     dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     try:
-        suite = load_suite(args.suite)
+        suite = load_suite(args.suite, allow_code=args.allow_code_in_suites)
         updates = {
             k: v
             for k, v in {
@@ -157,7 +162,7 @@ def eval_main(argv: list[str] | None = None) -> int:
             gen_batch_size=args.batch_size, score_batch_size=args.score_batch_size,
             progress=not args.quiet, report=not args.no_report,
         )  # fmt: skip
-    except (SuiteError, ModelLoadError, LayoutError, ResumeMismatch, KeyError) as e:
+    except (SuiteError, ModelLoadError, LayoutError, ResumeMismatch, UnreadableImages, KeyError) as e:
         print(f"diffalign eval: error: {e}", file=sys.stderr)
         return 2
     for label, m in summary["models"].items():
@@ -211,10 +216,14 @@ def score_main(argv: list[str] | None = None) -> int:
         if not scorers and not args.geneval:
             raise SuiteError("nothing to do: pass --scorers and/or --geneval")
         out.mkdir(parents=True, exist_ok=True)
-        rows = score_entries(entries, scorers, args.name, args.score_batch_size, not args.quiet, rel_to=out)
+        skipped: list[dict] = []
+        rows = score_entries(entries, scorers, args.name, args.score_batch_size, not args.quiet, rel_to=out,
+                             skipped=skipped)  # fmt: skip
         write_jsonl(rows, out / "scores.jsonl")
         summary = {"suite": f"score {images}", "prompts": len({r['index'] for r in rows}),
                    "images_per_prompt": "-", "models": {args.name: {"scores": summarize_scores(rows)}}}  # fmt: skip
+        if skipped:
+            summary["models"][args.name]["skipped"] = skipped
         if args.geneval:
             from diffalign.evaluation.geneval import summarize, write_results
 

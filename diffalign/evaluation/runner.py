@@ -12,6 +12,7 @@ Output of `run_eval(out_dir=OUT)`:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -24,6 +25,8 @@ from PIL import Image
 from diffalign.atomic import atomic_path, write_atomic
 from diffalign.evaluation.layout import read_layout, sample_path, write_metadata
 from diffalign.evaluation.suites import PromptItem, Suite
+
+_log = logging.getLogger(__name__)
 
 
 class ResumeMismatch(RuntimeError):
@@ -145,6 +148,10 @@ def flat_entries(image_dir: str | Path, prompts: Sequence[str]) -> list[dict]:
     return [{"index": i, "sample": 0, "prompt": prompts[i], "group": None, "seed": None, "path": str(p)} for i, p in pairs]
 
 
+class UnreadableImages(ValueError):
+    """None of the image files to score could be read."""
+
+
 def score_entries(
     entries: list[dict],
     scorers: dict,
@@ -152,25 +159,56 @@ def score_entries(
     batch_size: int = 16,
     progress: bool = True,
     rel_to: str | Path | None = None,
+    skipped: list[dict] | None = None,
 ) -> list[dict]:
-    """Score rows from `layout_entries` / `flat_entries` with every scorer; returns result rows."""
+    """Score rows from `layout_entries` / `flat_entries` with every scorer; returns result rows.
+
+    Image files are read with the training data's decode rule (`diffalign.data.transforms.decode_image`:
+    EXIF orientation, 16-bit grey scaled, transparency composited onto white; docs/data.md), once per
+    file for all scorers. A file that cannot be read is left out of the result with a warning naming it,
+    and recorded in `skipped` ({"path", "reason"}) when a list is given; if no file can be read, or there
+    is nothing to score, UnreadableImages is raised."""
     from tqdm.auto import tqdm
+
+    from diffalign.data.transforms import UnusableImage, decode_image
 
     rows = []
     for e in entries:
         image = os.path.relpath(e["path"], rel_to) if rel_to else e["path"]
         rows.append({"model": model, **{k: v for k, v in e.items() if k != "path"}, "image": image, "scores": {}})
-    for name, scorer in scorers.items():
-        bar = tqdm(total=len(rows), desc=f"score {model} {name}", unit="img", disable=not progress)
-        for i in range(0, len(rows), batch_size):
-            chunk = entries[i : i + batch_size]
-            images = [Image.open(e["path"]).convert("RGB") for e in chunk]
-            values = scorer.score(images, [e["prompt"] for e in chunk])
-            for r, v in zip(rows[i : i + batch_size], values.tolist(), strict=True):
-                r["scores"][name] = float(v)
-            bar.update(len(chunk))
-        bar.close()
-    return rows
+    if not scorers:
+        return rows
+    if not rows:
+        raise UnreadableImages(f"{model}: no images to score")
+    bad: list[dict] = []
+    kept: list[dict] = []
+    bar = tqdm(total=len(rows), desc=f"score {model}", unit="img", disable=not progress)
+    for i in range(0, len(rows), batch_size):
+        readable = []  # (row, image, prompt)
+        for e, r in zip(entries[i : i + batch_size], rows[i : i + batch_size], strict=True):
+            try:
+                readable.append((r, decode_image(e["path"]), e["prompt"]))
+            except UnusableImage as err:
+                _log.warning("skipping %s: %s", e["path"], err)
+                bad.append({"path": str(e["path"]), "reason": str(err)})
+        if readable:
+            images, prompts = [x[1] for x in readable], [x[2] for x in readable]
+            for name, scorer in scorers.items():
+                values = scorer.score(images, prompts)
+                for (r, _, _), v in zip(readable, values.tolist(), strict=True):
+                    r["scores"][name] = float(v)
+            kept += [x[0] for x in readable]
+        bar.update(len(rows[i : i + batch_size]))
+    bar.close()
+    if not kept:
+        raise UnreadableImages(
+            f"{model}: none of the {len(rows)} image files could be read (e.g. {bad[0]['path']}: {bad[0]['reason']})"
+        )
+    if bad:
+        _log.warning("%s: skipped %d of %d image files that could not be read", model, len(bad), len(rows))
+    if skipped is not None:
+        skipped.extend(bad)
+    return kept
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> None:
@@ -219,7 +257,9 @@ def per_prompt_means(rows: list[dict], name: str) -> dict[int, float]:
 
 def win_rates(rows_a: list[dict], rows_b: list[dict], higher_is_better: dict[str, bool] | None = None) -> dict:
     """Per scorer, over the prompts both models have: the fraction where A's mean score beats B's
-    (ties count half), with the raw win/tie/loss counts."""
+    (ties count half), its 95% Wilson interval (ci_low, ci_high), and the raw win/tie/loss counts."""
+    from diffalign.evaluation.stats import wilson_interval
+
     higher_is_better = higher_is_better or {}
     names = sorted({k for r in rows_a for k in r["scores"]} & {k for r in rows_b for k in r["scores"]})
     out = {}
@@ -230,8 +270,11 @@ def win_rates(rows_a: list[dict], rows_b: list[dict], higher_is_better: dict[str
         wins = sum(1 for i in common if sign * (a[i] - b[i]) > 0)
         ties = sum(1 for i in common if a[i] == b[i])
         n = len(common)
+        ci_low, ci_high = wilson_interval(wins + 0.5 * ties, n)
         out[name] = {
             "win_rate": (wins + 0.5 * ties) / n if n else float("nan"),
+            "ci_low": ci_low,
+            "ci_high": ci_high,
             "wins": wins,
             "ties": ties,
             "losses": n - wins - ties,
@@ -296,9 +339,12 @@ def run_eval(
             batch_size=gen_batch_size, progress=progress,
         )  # fmt: skip
         entries = layout_entries(mdir / "images", seed_fn=suite.seed_for, indices=indices)
-        m.rows = score_entries(entries, scorers, m.label, score_batch_size, progress, rel_to=out_dir)
+        skipped: list[dict] = []
+        m.rows = score_entries(entries, scorers, m.label, score_batch_size, progress, rel_to=out_dir, skipped=skipped)
         write_jsonl(m.rows, mdir / "scores.jsonl")
         entry = {"description": m.description, "generation": m.generation, "scores": summarize_scores(m.rows)}
+        if skipped:
+            entry["skipped"] = skipped
         if "geneval" in suite.metrics and geneval is not None:
             results, detector_note = geneval(mdir / "images")
             results = [r for r in results if int(Path(r["filename"]).parent.parent.name) in indices]

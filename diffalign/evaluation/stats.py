@@ -5,6 +5,8 @@ paired by (prompt index, sample), so both models start from the same initial noi
     b = pairs where A is right and B wrong,   c = pairs where B is right and A wrong,
 only the discordant pairs carry information; under H0 (equal accuracy) b ~ Binomial(b + c, 1/2), and
 the two-sided p-value is the exact binomial one (scipy.stats.binomtest). b + c = 0 gives p = 1.
+
+Proportions (a pass rate, a win rate) get a Wilson score interval (`wilson_interval`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,24 @@ def mcnemar_exact(b: int, c: int) -> float:
     from scipy.stats import binomtest
 
     return float(binomtest(int(b), int(b + c), 0.5, alternative="two-sided").pvalue)
+
+
+def wilson_interval(successes: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion successes / n (the one scipy's
+    `binomtest(k, n).proportion_ci(method="wilson")` gives for integer k). `successes` may be fractional,
+    e.g. a win count with ties counted half: outcomes in {0, 1/2, 1} have at most the binomial variance,
+    so the interval is then conservative. n = 0 gives (nan, nan)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must be in [0, n], got {successes} of {n}")
+    from scipy.stats import norm
+
+    z = float(norm.ppf(0.5 + confidence / 2))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def mcnemar_table(a: Sequence[bool], b: Sequence[bool]) -> dict:

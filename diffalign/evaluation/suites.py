@@ -2,7 +2,7 @@
 
     name: my-suite
     prompts:                       # one source, or a list of sources (each may carry a `group`)
-      type: file                   # file | hf | hf_file | geneval | callable
+      type: file                   # file | hf | hf_file | geneval (| callable, only with allow_code)
       path: prompts.txt            # relative to the suite file; .txt (one per line) or .jsonl ("prompt" key)
     images_per_prompt: 4
     seeds: {base: 42, scheme: shared}   # shared: image k of every prompt uses base + k
@@ -16,6 +16,10 @@
     anchors: {...}                 # published numbers, free-form, for sanity checks
 
 Suites shipped with diffalign live in `eval/suites/`; `load_suite("geneval")` finds them by name.
+
+A suite file is data. The two fields that name Python code, a `callable` prompt source and a
+`package.module:factory` entry in `scorers`, import and run that code, so `load_suite` refuses them unless
+the caller passes `allow_code=True` (`diffalign eval --allow-code-in-suites`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 SUITES_DIR = Path(__file__).resolve().parents[2] / "eval" / "suites"
+ALLOW_CODE_FLAG = "--allow-code-in-suites"
 SAMPLERS = ("default", "ddim", "pndm", "ddpm", "euler", "euler_a", "dpmsolver++", "unipc")
 
 
@@ -82,6 +87,8 @@ class GenEvalSource(_Source):
 
 
 class CallableSource(_Source):
+    """Runs Python code: `load_suite` refuses it unless called with allow_code=True."""
+
     type: Literal["callable"]
     target: str  # "package.module:function" returning a list of str or of dicts with a "prompt" key
     kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -182,7 +189,10 @@ def _read_source(src, base: Path) -> list:
             path = hf_hub_download(src.repo, src.filename, repo_type=src.repo_type)
         except Exception as e:  # offline, missing repo or file
             raise SuiteError(f"could not fetch {src.filename} from {src.repo}: {e}") from e
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        try:
+            data = json.loads(_read_text(Path(path)))
+        except json.JSONDecodeError as e:
+            raise SuiteError(f"{src.filename} from {src.repo}: not valid JSON: {e}") from e
         return [x if isinstance(x, str) else x["prompt"] for x in data]
     if src.type == "hf":
         return _read_hf(src)
@@ -215,21 +225,35 @@ def _read_hf(src: HFSource) -> list:
     return out
 
 
+def _read_text(path: Path) -> str:
+    from diffalign.data.sources import read_utf8_text
+
+    return read_utf8_text(path, error=SuiteError)
+
+
 def read_prompt_file(path: str | Path, key: str = "prompt") -> list:
-    """A .txt file (one prompt per non-empty line) or a .jsonl file (one object per line with `key`)."""
+    """A .txt file (one prompt per non-empty line) or a .jsonl file (one object per line with `key`), in
+    UTF-8. A file that is not UTF-8, a bad JSON line, or a file with no prompt is a one-line SuiteError."""
     path = Path(path)
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    numbered = [(n, ln) for n, ln in enumerate(_read_text(path).splitlines(), 1) if ln.strip()]
+    if not numbered:
+        raise SuiteError(f"prompt file {str(path)!r} holds no prompts")
     if path.suffix == ".jsonl":
         out = []
-        for n, ln in enumerate(lines, 1):
-            obj = json.loads(ln)
+        for n, ln in numbered:
+            try:
+                obj = json.loads(ln)
+            except json.JSONDecodeError as err:
+                raise SuiteError(f"{path}:{n}: not valid JSON: {err}") from err
+            if not isinstance(obj, dict):
+                raise SuiteError(f"{path}:{n}: expected a JSON object with a {key!r} key, got {type(obj).__name__}")
             if key not in obj:
                 raise SuiteError(f"{path}:{n}: no {key!r} key")
             if key != "prompt":
                 obj = {"prompt": obj[key], **{k: v for k, v in obj.items() if k != key}}
             out.append(obj)
         return out
-    return lines
+    return [ln for _, ln in numbered]
 
 
 def suite_dirs() -> list[Path]:
@@ -241,8 +265,16 @@ def available_suites() -> list[str]:
     return sorted({p.stem for d in suite_dirs() if d.is_dir() for p in d.glob("*.yaml")})
 
 
-def load_suite(name_or_path: str | Path) -> Suite:
-    """Load a suite by file path or by name (looked up in $DIFFALIGN_SUITES, then eval/suites/)."""
+def code_in_suite(suite: Suite) -> list[str]:
+    """The import paths a suite would run: `callable` prompt targets and `module:factory` scorers."""
+    return [s.target for s in suite.prompts if s.type == "callable"] + [s for s in suite.scorers if ":" in s]
+
+
+def load_suite(name_or_path: str | Path, allow_code: bool = False) -> Suite:
+    """Load a suite by file path or by name (looked up in $DIFFALIGN_SUITES, then eval/suites/).
+
+    A suite that names Python code (a `callable` prompt source, a `module:factory` scorer) is refused
+    unless `allow_code` is True: suite files are data, and loading one must not run code."""
     path = Path(name_or_path)
     if not path.is_file():
         found = [d / f"{name_or_path}.yaml" for d in suite_dirs() if (d / f"{name_or_path}.yaml").is_file()]
@@ -250,13 +282,21 @@ def load_suite(name_or_path: str | Path) -> Suite:
             raise SuiteError(f"no suite {str(name_or_path)!r}: not a file and not one of {', '.join(available_suites())}")
         path = found[0]
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(_read_text(path))
     except yaml.YAMLError as e:
-        raise SuiteError(f"{path}: not valid YAML: {e}") from e
+        raise SuiteError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from e
     if not isinstance(data, dict):
         raise SuiteError(f"{path}: a suite file must be a mapping")
     data["path"] = str(path.resolve())
     try:
-        return Suite.model_validate(data)
+        suite = Suite.model_validate(data)
     except ValidationError as e:
-        raise SuiteError(f"{path}: invalid suite:\n{e}") from e
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'suite'}: {err['msg']}" for err in e.errors())
+        raise SuiteError(f"{path}: invalid suite: {problems}") from e
+    code = code_in_suite(suite)
+    if code and not allow_code:
+        raise SuiteError(
+            f"{path}: the suite names Python code to import and run ({', '.join(code)}); suites are data, so "
+            f"this is refused: pass {ALLOW_CODE_FLAG} to diffalign eval if you trust this file"
+        )
+    return suite

@@ -7,6 +7,7 @@ the prompt prefix and that map differ between them.
 
 from __future__ import annotations
 
+import html
 from collections.abc import Callable
 
 import torch
@@ -22,6 +23,19 @@ from diffalign.rewards._common import (
 )
 
 CLIP_MAX_LENGTH = 77
+
+
+def clean_clip_text(text: str) -> str:
+    """The text cleaning OpenAI CLIP's `simple_tokenizer` and open_clip's default tokenizer apply before
+    BPE (open_clip `tokenizer.py`: basic_clean, whitespace_clean, lower): ftfy.fix_text (mojibake,
+    Unicode NFC, and HTML entities when the text holds no literal '<'), then HTML entities unescaped twice
+    ("&amp;lt;" -> "<"), whitespace runs collapsed to one space and stripped, and lower case. transformers'
+    CLIP tokenizer only normalises whitespace and case, so without this "fish &amp; chips" and
+    "fish & chips" get different tokens."""
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return " ".join(text.split()).lower()
 
 
 def _features(out) -> torch.Tensor:
@@ -74,7 +88,10 @@ def openai_clip_image_transform(size: int) -> Callable[[list], torch.Tensor]:
 
 
 class HFCLIPScorer(TextCachingScorer):
-    """cos(image, prefix + prompt) under a transformers CLIPModel, mapped by `_from_cosine`."""
+    """cos(image, prefix + prompt) under a transformers CLIPModel, mapped by `_from_cosine`.
+
+    `clean_text=True` passes prefix + prompt through `clean_clip_text` first, for scorers whose reference
+    tokenises with OpenAI CLIP's or open_clip's tokenizer (CLIP-S)."""
 
     name = "hf-clip"
 
@@ -88,6 +105,7 @@ class HFCLIPScorer(TextCachingScorer):
         batch_size: int = 32,
         prefix: str = "",
         max_length: int = CLIP_MAX_LENGTH,
+        clean_text: bool = False,
     ):
         super().__init__(batch_size=batch_size)
         self.device = resolve_device(device)
@@ -97,12 +115,16 @@ class HFCLIPScorer(TextCachingScorer):
         self.image_transform = image_transform
         self.prefix = prefix
         self.max_length = max_length
+        self.clean_text = clean_text
 
     # -- the two towers -------------------------------------------------------------------------------
     def _encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         # truncation keeps BOS + first 75 tokens + EOS, so the pooled (EOS) feature stays well defined
+        texts = [self.prefix + p for p in prompts]
+        if self.clean_text:
+            texts = [clean_clip_text(t) for t in texts]
         tok = self.tokenizer(
-            [self.prefix + p for p in prompts],
+            texts,
             padding=True,
             truncation=True,
             max_length=self.max_length,

@@ -5,7 +5,10 @@
   Images go through the model's CLIP image processor (PIL backend, as transformers 4 did).
 - `clip-s`: the original CLIP-S of Hessel et al. 2021 (jmhessel/clipscore), 2.5 * max(cos, 0) with
   `openai/clip-vit-base-patch32`, the text prefixed with "A photo depicts ", OpenAI `clip.load`
-  preprocessing (torchvision Resize + CenterCrop on PIL).
+  preprocessing (torchvision Resize + CenterCrop on PIL). The text is cleaned as OpenAI's
+  `clip.tokenize` cleans it (`clean_clip_text`: ftfy, HTML entities, whitespace), so "fish &amp; chips"
+  scores exactly as "fish & chips". `clipscore` does not clean by default: its reference, torchmetrics,
+  tokenises with transformers' CLIP tokenizer, which does not either (`clean_text=True` turns it on).
 
 Computed directly: torchmetrics' CLIPScore breaks on transformers 5 and loads its model at construction.
 """
@@ -30,7 +33,14 @@ CLIP_S_PREFIX = "A photo depicts "
 
 
 class CLIPScoreScorer(HFCLIPScorer):
-    """torchmetrics-style CLIPScore: 100 * max(cos, 0)."""
+    """torchmetrics-style CLIPScore: 100 * max(cos, 0).
+
+    Departure from torchmetrics for prompts over 77 tokens: torchmetrics slices the token ids to 77,
+    dropping the end token, so CLIP pools the wrong token: the start token (a feature that does not depend
+    on the prompt, so every long prompt gets the same text feature) when the config has the corrected
+    end-token id, or the largest-id token when it has the legacy id 2. We truncate keeping the end token
+    (as `clip.tokenize(truncate=True)` does), so the score depends on the first 75 prompt tokens
+    (docs/rewards.md)."""
 
     name = "clipscore"
 
@@ -56,14 +66,16 @@ def build_clipscore(
     batch_size: int = 32,
     tiny: bool = False,
     seed: int = 0,
+    clean_text: bool = False,
 ) -> CLIPScoreScorer:
     if tiny:
         clip, tokenizer, image_processor = tiny_clip_components(seed=seed)
     else:
         clip, tokenizer, image_processor = load_hf_clip(model, processor, resolve_dtype(dtype))
     return CLIPScoreScorer(
-        clip, tokenizer, hf_pil_image_transform(image_processor), device=device, dtype=dtype, batch_size=batch_size
-    )
+        clip, tokenizer, hf_pil_image_transform(image_processor), device=device, dtype=dtype,
+        batch_size=batch_size, clean_text=clean_text,
+    )  # fmt: skip
 
 
 @register_scorer("clip-s")
@@ -76,6 +88,7 @@ def build_clip_s(
     prefix: str = CLIP_S_PREFIX,
     tiny: bool = False,
     seed: int = 0,
+    clean_text: bool = True,
 ) -> CLIPSScorer:
     if tiny:
         clip, tokenizer, _ = tiny_clip_components(seed=seed)
@@ -90,4 +103,5 @@ def build_clip_s(
         dtype=dtype,
         batch_size=batch_size,
         prefix=prefix,
+        clean_text=clean_text,
     )
