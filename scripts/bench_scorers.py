@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffalign.rewards import available_scorers, create_scorer  # noqa: E402
-from diffalign.rewards.base import _REGISTRY  # noqa: E402
+from diffalign.rewards.base import scorer_factory  # noqa: E402
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 
@@ -35,7 +35,7 @@ def _sync(device: str) -> None:
 
 def _accepts(name: str) -> set[str] | None:
     """The keyword arguments the scorer's factory accepts (None: any, it takes **kwargs)."""
-    params = inspect.signature(_REGISTRY[name]).parameters.values()
+    params = inspect.signature(scorer_factory(name)).parameters.values()
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return None
     return {p.name for p in params}
