@@ -177,17 +177,22 @@ def test_seppo_lora_run_resumes_bit_exactly_and_its_pool_adapters_never_train(tm
 
 def test_seppo_two_processes_match_one_process_with_double_batch(tmp_path):
     optim = {"adam_eps": 1e-4}  # see test_experience.py on adam_eps
-    one = tiny_recipe(tmp_path / "one", optim=optim, train={"batch_size": 2, "max_steps": 4})
-    two = tiny_recipe(tmp_path / "two", optim=optim, train={"batch_size": 1, "max_steps": 4})
+    # seed 1 draws member 2 (a pool adapter, run through the DDP wrapper) for update 3
+    one = tiny_recipe(tmp_path / "one", optim=optim, train={"batch_size": 2, "max_steps": 4, "seed": 1})
+    two = tiny_recipe(tmp_path / "two", optim=optim, train={"batch_size": 1, "max_steps": 4, "seed": 1})
     launch(one, 1, tmp_path)
     launch(two, 2, tmp_path)
     a = load_file(str(Path(one["output_dir"]) / "final" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(Path(two["output_dir"]) / "final" / "pytorch_lora_weights.safetensors"))
     assert_states_close(a, b, atol=1e-6, rtol=0)
     draws = [(Path(c["output_dir"]) / "logs" / "pool_draws.jsonl").read_text() for c in (one, two)]
-    assert draws[0] == draws[1] and '"members": [0, 2]' in draws[0]
+    assert draws[0] == draws[1] and '"step": 3, "ref_step": 2, "members": [0, 2]' in draws[0]
+    assert [r["ref_step"] for r in logged(one)] == [r["ref_step"] for r in logged(two)] == [0, 0, 2, 0]
+    # the first step's loss agrees as closely as the offline test's; later ones carry beta = 2000 times the
+    # float rounding of the weights, which agree to 1e-6 (above)
+    assert logged(one)[0]["loss"] == pytest.approx(logged(two)[0]["loss"], rel=1e-5)
     for x, y in zip(logged(one), logged(two)):
-        assert x["ref_step"] == y["ref_step"] and x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-3)
 
 
 # ---- generated losers ----------------------------------------------------------------------------------------
