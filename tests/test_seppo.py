@@ -97,6 +97,8 @@ def test_pool_membership_and_draws_are_functions_of_seed_and_step():
 
     assert pool_steps(0, 30, 8) == [0]
     assert pool_steps(59, 30, 8) == [0, 30]
+    assert pool_steps(100, 25, 8) == [0, 25, 50, 75, 100]  # fewer checkpoints than the cap: all stay
+    assert pool_steps(200, 25, 8) == [0, 50, 75, 100, 125, 150, 175, 200]
     assert pool_steps(300, 30, 4) == [0, 240, 270, 300]  # the oldest checkpoints leave, theta_0 stays
     assert pool_steps(300, 30, 1) == [0]
 

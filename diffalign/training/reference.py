@@ -124,7 +124,7 @@ def pool_steps(step: int, every: int, cap: int) -> list[int]:
     """The pool's members after `step` optimizer steps: theta_0 (0) and the newest cap - 1 of the
     checkpoints at multiples of `every`. A function of the step only, so a resumed run rebuilds it."""
     later = list(range(every, step + 1, every))
-    return [0, *(later[len(later) - (cap - 1):] if cap > 1 else [])]
+    return [0, *(later[max(0, len(later) - (cap - 1)):] if cap > 1 else [])]
 
 
 class CheckpointPoolReference(Reference):
