@@ -200,7 +200,7 @@ def results_markdown(results: dict) -> str:
               "(the discordant pairs of the exact McNemar test). drift_w / drift_l: the last logged "
               "policy-minus-reference denoising error of the preferred / rejected images (needs a reference "
               "model: not logged for MaPO and SFT). Positive drift_w: the preferred images became LESS likely.", ""]
-    for name, m in results["models"].items():
+    for m in results["models"].values():
         for other, mc in (m.get("mcnemar_vs") or {}).items():
             if mc:
                 lines.append(f"{m['label']} against {results['models'][other]['label']}: better / worse images "
