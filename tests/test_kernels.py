@@ -1,6 +1,9 @@
-"""Fused kernels against their plain-torch references, values and gradients, per dtype (Triton runs on CPU
-through its interpreter: tests/conftest.py sets TRITON_INTERPRET=1 before anything imports triton), the
-fallback when Triton cannot run, and the fused diffusers blocks against unpatched ones."""
+"""Fused kernels against their plain-torch references, values and gradients, per dtype, the fallback when
+Triton cannot run, and the fused diffusers blocks against unpatched ones.
+
+On CPU, Triton runs through its interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before anything
+imports triton). With a GPU the kernel tests run on it; `TRITON_INTERPRET=0 python -m pytest
+tests/test_kernels.py` then tests the compiled kernels rather than the interpreter."""
 
 from __future__ import annotations
 
@@ -22,6 +25,19 @@ from diffalign.kernels import (
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 DTYPES = list(TOLERANCES)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def no_tf32(monkeypatch):
+    """On a GPU, fp32 convolutions and matmuls in full fp32 (TF32 would swamp the fp32 tolerances)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
+def _randn(*shape, g, dtype=torch.float32):
+    """Random values drawn on CPU (the same on every machine), on the test device."""
+    return torch.randn(*shape, generator=g).to(DEVICE, dtype)
 
 
 def _grads(fn, *inputs, grad_out):
@@ -55,12 +71,11 @@ def test_group_norm_silu_matches_the_reference(dtype, shape, groups, layout, til
     if tile is not None:
         monkeypatch.setattr(tk, "TILE", tile)
     g = torch.Generator().manual_seed(0)
-    x = (torch.randn(shape, generator=g) * 3 + 1).to(dtype)  # an offset mean: a naive E[x^2] - E[x]^2 loses it
+    x = _randn(shape, g=g, dtype=dtype) * 3 + 1  # an offset mean: a naive E[x^2] - E[x]^2 loses it
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
-    weight = torch.randn(shape[1], generator=g).to(dtype)
-    bias = torch.randn(shape[1], generator=g).to(dtype)
-    dy = torch.randn(shape, generator=g).to(dtype)
+    weight, bias = _randn(shape[1], g=g, dtype=dtype), _randn(shape[1], g=g, dtype=dtype)
+    dy = _randn(shape, g=g, dtype=dtype)
 
     y, grads = _grads(lambda *a: group_norm_silu(*a, groups, 1e-5), x, weight, bias, grad_out=dy)
     assert type(y.grad_fn).__name__ == "GroupNormSiLUFunctionBackward"  # the Triton path ran
@@ -75,8 +90,8 @@ def test_group_norm_silu_matches_the_reference(dtype, shape, groups, layout, til
 def test_group_norm_silu_takes_a_gradient_in_another_layout():
     """The upstream gradient of a channels-last output can arrive NCHW (and the other way round)."""
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 8, 4, 4, generator=g).to(memory_format=torch.channels_last)
-    weight, bias, dy = torch.randn(8, generator=g), torch.randn(8, generator=g), torch.randn(2, 8, 4, 4, generator=g)
+    x = _randn(2, 8, 4, 4, g=g).to(memory_format=torch.channels_last)
+    weight, bias, dy = _randn(8, g=g), _randn(8, g=g), _randn(2, 8, 4, 4, g=g)
     y, grads = _grads(lambda *a: group_norm_silu(*a, 4), x, weight, bias, grad_out=dy)
     ref, ref_grads = _grads(lambda *a: group_norm_silu_reference(*a, 4), x, weight, bias, grad_out=dy)
     assert type(y.grad_fn).__name__ == "GroupNormSiLUFunctionBackward"
@@ -94,9 +109,9 @@ def test_per_sample_mse_matches_the_reference(dtype, target_fp32, monkeypatch):
 
     monkeypatch.setattr(tk, "BLOCK", 64)  # several chunks per sample
     g = torch.Generator().manual_seed(0)
-    pred = torch.randn(3, 4, 6, 7, generator=g).to(dtype)
-    target = torch.randn(3, 4, 6, 7, generator=g).to(torch.float32 if target_fp32 else dtype)
-    w = torch.randn(3, generator=g)
+    pred = _randn(3, 4, 6, 7, g=g, dtype=dtype)
+    target = _randn(3, 4, 6, 7, g=g, dtype=torch.float32 if target_fp32 else dtype)
+    w = _randn(3, g=g)
 
     e, grads = _grads(per_sample_mse, pred, target, grad_out=w)
     assert type(e.grad_fn).__name__ == "PerSampleMSEFunctionBackward"
@@ -171,16 +186,16 @@ def test_fused_resnet_block_matches_the_unpatched_block(dtype, with_temb):
 
     from diffalign.kernels.blocks import FusedResnetBlock2D, fuse_resnet_blocks
 
-    plain = _resnet_block(16 if with_temb else None).to(dtype)
+    plain = _resnet_block(16 if with_temb else None).to(DEVICE, dtype)
     fused = copy.deepcopy(plain)
     assert fuse_resnet_blocks(fused) == (1, 0)
     assert isinstance(fused, FusedResnetBlock2D) and isinstance(fused, ResnetBlock2D)
     assert fused.state_dict().keys() == plain.state_dict().keys()  # checkpoints and LoRA names unchanged
 
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 8, 6, 6, generator=g).to(dtype)
-    temb = torch.randn(2, 16, generator=g).to(dtype) if with_temb else None
-    grad_out = torch.randn(2, 12, 6, 6, generator=g).to(dtype)
+    x = _randn(2, 8, 6, 6, g=g, dtype=dtype)
+    temb = _randn(2, 16, g=g, dtype=dtype) if with_temb else None
+    grad_out = _randn(2, 12, 6, 6, g=g, dtype=dtype)
     got = _forward_backward(fused, x, temb, grad_out)
     want = _forward_backward(plain, x, temb, grad_out)
     pairs = [("output", got[0], want[0]), ("grad x", got[1], want[1])]
@@ -204,16 +219,16 @@ def test_whole_tiny_sdxl_unet_matches_the_unpatched_unet():
     from diffalign.backbones.tiny import tiny_unet
     from diffalign.kernels.blocks import fuse_resnet_blocks
 
-    plain = tiny_unet(sdxl=True)
+    plain = tiny_unet(sdxl=True).to(DEVICE)
     fused = copy.deepcopy(plain)
     n_blocks = sum(isinstance(m, ResnetBlock2D) for m in plain.modules())
     assert fuse_resnet_blocks(fused) == (n_blocks, 0) and n_blocks >= 8
 
     g = torch.Generator().manual_seed(0)
-    x, t = torch.randn(1, 4, 16, 16, generator=g), torch.tensor([500])
-    cond = dict(encoder_hidden_states=torch.randn(1, 8, 64, generator=g),
-                added_cond_kwargs={"text_embeds": torch.randn(1, 32, generator=g),
-                                   "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])})  # fmt: skip
+    x, t = _randn(1, 4, 16, 16, g=g), torch.tensor([500], device=DEVICE)
+    cond = dict(encoder_hidden_states=_randn(1, 8, 64, g=g),
+                added_cond_kwargs={"text_embeds": _randn(1, 32, g=g),
+                                   "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]], device=DEVICE)})  # fmt: skip
     outs = []
     for unet in (fused, plain):
         out = unet(x, t, **cond).sample
@@ -232,3 +247,22 @@ def test_backbones_fuse_their_own_blocks():
     bb = tiny_sd()
     assert bb.apply_kernels() == {"unet": 8, "vae": 6}
     assert Backbone.apply_kernels(bb) == {}  # the default (transformer families): nothing to fuse
+
+
+# ---- scripts/bench_kernels.py ----------------------------------------------------------------------------
+
+
+def test_bench_kernels_on_cpu_times_the_reference_and_says_there_is_no_fused_timing(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--device", "cpu", "--rounds", "1", "--inner", "1", "--warmup", "1", "--no-compile"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| GroupNorm+SiLU") or line.startswith("| energy")]
+    assert "NO FUSED TIMINGS: no CUDA device" in out
+    assert len(rows) == len(bench.CPU_GN_SHAPES) + len(bench.CPU_ENERGY_SHAPES)
+    assert all("| eager |" in row for row in rows)  # no fused (nor made-up) numbers

@@ -62,21 +62,25 @@ def test_gradient_accumulation_equals_larger_batch_with_kernels_on(tmp_path, mic
 
 @pytest.mark.slow
 def test_kernels_and_channels_last_give_the_losses_of_plain_torch(tmp_path, micro_model, monkeypatch):
-    from diffalign.kernels import _triton_group_norm_silu as tk
+    from diffalign.kernels import _triton_energy, _triton_group_norm_silu
 
     layouts = []  # the memory layout of every input the GroupNorm+SiLU kernel saw
-    fused_forward = tk.forward
-    monkeypatch.setattr(tk, "forward", lambda x, *args: layouts.append(x.is_contiguous()) or fused_forward(x, *args))
+    gn_forward, energy_forward = _triton_group_norm_silu.forward, _triton_energy.forward
+    monkeypatch.setattr(_triton_group_norm_silu, "forward", lambda x, *a: layouts.append(x.is_contiguous()) or gn_forward(x, *a))
+    energies = []  # the batch size of every fused energy
+    monkeypatch.setattr(_triton_energy, "forward", lambda p, t: energies.append(len(p)) or energy_forward(p, t))
     runs = {}
     for name, train in {"off": {"kernels": "off"}, "on": {"kernels": "on"},
                         "on+channels_last": {"kernels": "on", "channels_last": True}}.items():  # fmt: skip
         cfg = micro_config(tmp_path / name.replace("+", "_"), micro_model, max_steps=2, **train)
         cfg["objective"]["beta"] = 50  # Diffusion-DPO's 5000 turns a 1e-7 energy difference into 2.5e-4
         layouts.clear()
+        energies.clear()
         trainer = micro_run(cfg)
         runs[name] = (logged(cfg), trainable_state(trainer))
         kernel_saw = {"off": set(), "on": {True}, "on+channels_last": {False}}[name]  # NCHW-contiguous or not
         assert set(layouts) == kernel_saw, name
+        assert energies == ([] if name == "off" else [8, 8] * 2), name  # policy and reference, 2 steps x 4 pairs
     off_log, off_state = runs["off"]
     fp32 = TOLERANCES[torch.float32]
     for name in ("on", "on+channels_last"):
@@ -88,14 +92,21 @@ def test_kernels_and_channels_last_give_the_losses_of_plain_torch(tmp_path, micr
 
 
 @pytest.mark.slow
-def test_compiled_denoiser_trains_like_the_eager_one(tmp_path, micro_model):
-    """train.compile wires torch.compile into the run (the "eager" backend: dynamo's tracing without
-    inductor's code generation, which takes minutes on a CPU); names, checkpoints and losses unchanged."""
-    eager_cfg = micro_config(tmp_path / "eager", micro_model, max_steps=2)
-    compiled_cfg = micro_config(tmp_path / "compiled", micro_model, max_steps=2, compile=True, compile_backend="eager")
-    eager, compiled = micro_run(eager_cfg), micro_run(compiled_cfg)
-    unet = compiled.acc.unwrap_model(compiled.unet)
-    assert unet._compiled_call_impl is not None and "torch.compile (eager)" in compiled.summary()
+def test_compiled_denoiser_with_kernels_trains_like_the_eager_one(tmp_path, micro_model):
+    """train.compile wires torch.compile into the run, and the fused kernels (custom operators inside an
+    autograd.Function) compile without a graph break. The aot_eager backend traces forward and backward
+    as inductor does, without inductor's code generation, which takes minutes on a CPU."""
+    from torch._dynamo.utils import counters
+
+    eager_cfg = micro_config(tmp_path / "eager", micro_model, max_steps=2, kernels="on")
+    compiled_cfg = micro_config(tmp_path / "compiled", micro_model, max_steps=2, kernels="on", compile=True,
+                                compile_backend="aot_eager")  # fmt: skip
+    eager = micro_run(eager_cfg)
+    counters.clear()
+    compiled = micro_run(compiled_cfg)
+    assert compiled.acc.unwrap_model(compiled.unet)._compiled_call_impl is not None
+    assert "torch.compile (aot_eager)" in compiled.summary()
+    assert not counters["graph_break"], dict(counters["graph_break"])
     assert_states_close(trainable_state(compiled), trainable_state(eager), atol=1e-6, rtol=0)
     assert [x["loss"] for x in logged(compiled_cfg)] == pytest.approx([x["loss"] for x in logged(eager_cfg)], abs=1e-6)
 
@@ -113,3 +124,20 @@ def test_compile_without_a_compiler_fails_with_a_clear_message(tmp_path, micro_m
     assert main([str(path)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "Loading weights" not in line]
     assert len(err) == 1 and err[0].startswith("diffalign train: train.compile:") and "C++ compiler" in err[0], err
+
+
+def test_the_run_summary_says_which_path_the_kernels_take(tmp_path, micro_model, monkeypatch):
+    from diffalign.config import load_config
+    from diffalign.kernels.blocks import FusedResnetBlock2D
+    from diffalign.training.trainer import Trainer
+
+    def speed(kernels):
+        trainer = Trainer(load_config(micro_config(tmp_path / kernels, micro_model, kernels=kernels)))
+        fused = any(isinstance(m, FusedResnetBlock2D) for m in trainer.backbone.denoiser.modules())
+        return trainer.summary().split("speed       ")[1].splitlines()[0], fused, trainer.source.fused_energy
+
+    line, fused, fused_energy = speed("auto")  # auto needs a CUDA device
+    assert line.startswith("kernels off (auto: no CUDA device") and not fused and not fused_energy
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as a CPU run outside the tests
+    line, fused, fused_energy = speed("on")
+    assert line.startswith("kernels on (plain-torch reference path: no CUDA device") and fused and fused_energy

@@ -157,8 +157,8 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: i
     return y, mean, rstd
 
 
-def backward(dy, x, weight, bias, mean, rstd, groups: int, need_dx: bool = True):
-    """(dx, dweight, dbias) of y = silu(group_norm(x)); dx None unless need_dx."""
+def backward(dy, x, weight, bias, mean, rstd, groups: int):
+    """(dx, dweight, dbias) of y = silu(group_norm(x))."""
     x, dy = _dense(x), _dense(dy)
     x3, dy3 = _nc_s(x), _nc_s(dy)
     N, C, S = x3.shape
@@ -172,13 +172,11 @@ def backward(dy, x, weight, bias, mean, rstd, groups: int, need_dx: bool = True)
                                 chunks, **blocks)  # fmt: skip
     sum_dz, sum_dz_xhat = db_p.sum(1), dw_p.sum(1)  # [N, C]
     dweight, dbias = sum_dz_xhat.sum(0).to(weight.dtype), sum_dz.sum(0).to(bias.dtype)
-    dx = None
-    if need_dx:
-        w = weight.float()
-        c1 = (sum_dz * w).view(N, groups, cg).sum(2).flatten() / (cg * S)  # group mean of w * dz
-        c2 = (sum_dz_xhat * w).view(N, groups, cg).sum(2).flatten() / (cg * S)  # ... of w * dz * xhat
-        dx = torch.empty_like(x)
-        assert _nc_s(dx).stride() == x3.stride()
-        _backward_kernel[grid](x3, dy3, _nc_s(dx), weight, bias, mean, rstd, c1, c2, rows, groups, cg, S, *strides,
-                               **blocks)  # fmt: skip
+    w = weight.float()
+    c1 = (sum_dz * w).view(N, groups, cg).sum(2).flatten() / (cg * S)  # group mean of w * dz
+    c2 = (sum_dz_xhat * w).view(N, groups, cg).sum(2).flatten() / (cg * S)  # ... of w * dz * xhat
+    dx = torch.empty_like(x)
+    assert _nc_s(dx).stride() == x3.stride()
+    _backward_kernel[grid](x3, dy3, _nc_s(dx), weight, bias, mean, rstd, c1, c2, rows, groups, cg, S, *strides,
+                           **blocks)  # fmt: skip
     return dx, dweight, dbias

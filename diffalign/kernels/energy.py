@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from diffalign.kernels.runtime import use_triton
@@ -20,24 +21,49 @@ def per_sample_mse_reference(pred: torch.Tensor, target: torch.Tensor) -> torch.
     return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.dim())))
 
 
+# The Triton launches are custom operators, opaque to torch.compile (see group_norm_silu.py).
+@torch.library.custom_op("diffalign::per_sample_mse_forward", mutates_args=())
+def _forward_op(pred: Tensor, target: Tensor) -> Tensor:
+    from diffalign.kernels import _triton_energy as tk
+
+    return tk.forward(pred, target)
+
+
+@_forward_op.register_fake
+def _(pred, target):
+    return pred.new_empty(pred.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("diffalign::per_sample_mse_backward", mutates_args=())
+def _backward_op(grad: Tensor, pred: Tensor, target: Tensor, need_pred: bool, need_target: bool) -> tuple[Tensor, Tensor]:
+    """(grad pred, grad target); an empty tensor for one not needed."""
+    from diffalign.kernels import _triton_energy as tk
+
+    dp, dt = tk.backward(grad, pred, target, need_pred, need_target)
+    return (dp if need_pred else pred.new_empty(0)), (dt if need_target else target.new_empty(0))
+
+
+@_backward_op.register_fake
+def _(grad, pred, target, need_pred, need_target):
+    return (torch.empty_like(pred) if need_pred else pred.new_empty(0),
+            torch.empty_like(target) if need_target else target.new_empty(0))  # fmt: skip
+
+
 class PerSampleMSEFunction(torch.autograd.Function):
     """per_sample_mse_reference over the Triton kernels (diffalign/kernels/_triton_energy.py)."""
 
     @staticmethod
     def forward(ctx, pred, target):
-        from diffalign.kernels import _triton_energy as tk
-
         pred, target = pred.contiguous(), target.contiguous()
         ctx.save_for_backward(pred, target)
-        return tk.forward(pred, target)
+        return _forward_op(pred, target)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        from diffalign.kernels import _triton_energy as tk
-
-        pred, target = ctx.saved_tensors
-        return tk.backward(grad, pred, target, *ctx.needs_input_grad[:2])
+        need_pred, need_target = ctx.needs_input_grad[:2]
+        dp, dt = _backward_op(grad, *ctx.saved_tensors, need_pred, need_target)
+        return (dp if need_pred else None), (dt if need_target else None)
 
 
 def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from diffalign.kernels.runtime import use_triton
@@ -21,14 +22,40 @@ def group_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor | None, bias
     return F.silu(F.group_norm(x, num_groups, weight, bias, eps))
 
 
+# The Triton launches are custom operators: torch.compile keeps them as opaque calls (shapes from the
+# fake implementations) instead of tracing into Triton, and the autograd.Function around them is traced.
+@torch.library.custom_op("diffalign::group_norm_silu_forward", mutates_args=())
+def _forward_op(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    from diffalign.kernels import _triton_group_norm_silu as tk
+
+    return tk.forward(x, weight, bias, num_groups, eps)
+
+
+@_forward_op.register_fake
+def _(x, weight, bias, num_groups, eps):
+    stats = x.new_empty(x.shape[0] * num_groups, dtype=torch.float32)
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("diffalign::group_norm_silu_backward", mutates_args=())
+def _backward_op(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor,
+                 num_groups: int) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    from diffalign.kernels import _triton_group_norm_silu as tk
+
+    return tk.backward(dy, x, weight, bias, mean, rstd, num_groups)
+
+
+@_backward_op.register_fake
+def _(dy, x, weight, bias, mean, rstd, num_groups):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)
+
+
 class GroupNormSiLUFunction(torch.autograd.Function):
     """silu(group_norm(x)) over the Triton kernels (diffalign/kernels/_triton_group_norm_silu.py)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, num_groups: int, eps: float):
-        from diffalign.kernels import _triton_group_norm_silu as tk
-
-        y, mean, rstd = tk.forward(x, weight, bias, num_groups, eps)
+        y, mean, rstd = _forward_op(x, weight, bias, num_groups, eps)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.num_groups = num_groups
         return y
@@ -36,12 +63,9 @@ class GroupNormSiLUFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        from diffalign.kernels import _triton_group_norm_silu as tk
-
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dweight, dbias = tk.backward(dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.needs_input_grad[0])
-        return (dx, dweight if ctx.needs_input_grad[1] else None, dbias if ctx.needs_input_grad[2] else None,
-                None, None)  # fmt: skip
+        dx, dweight, dbias = _backward_op(dy, *ctx.saved_tensors, ctx.num_groups)
+        needs = ctx.needs_input_grad
+        return dx if needs[0] else None, dweight if needs[1] else None, dbias if needs[2] else None, None, None
 
 
 def group_norm_silu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, num_groups: int,

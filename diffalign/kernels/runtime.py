@@ -72,9 +72,12 @@ _said: set[str] = set()
 
 def use_triton(x: torch.Tensor, name: str) -> bool:
     """True when kernel `name` runs through Triton for tensor x; else logs the reason once (per reason)."""
-    if x.dtype not in FUSED_DTYPES:
-        return False
-    reason = fallback_reason(x.device)
+    return x.dtype in FUSED_DTYPES and _triton_runs(x.device.type, name)
+
+
+@torch.compiler.assume_constant_result  # a fact of the machine: torch.compile decides once, when it traces
+def _triton_runs(device_type: str, name: str) -> bool:
+    reason = fallback_reason(device_type)
     if reason is None:
         return True
     if reason not in _said:
