@@ -75,23 +75,26 @@ def _forward_kernel(X, Y, W, B, MEAN, RSTD, R, G, CG, S, sn, sc, ss,
 
 
 @triton.jit
-def _dz(DY, dyoff, mask, z):
-    """dz = dy * silu'(z) (0 where masked)."""
+def _backward_tile(X, DY, W, B, MEAN, RSTD, R, G, CG, S, sn, sc, ss, dn, dc, ds,
+                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+    """This program's tile for the backward: its indices, xhat, w, rstd and dz = dy * silu'(z) (0 where
+    masked)."""
+    row0 = tl.program_id(0) * BLOCK_R
+    chunk = tl.program_id(1)
+    r, rmask, n, c, cmask, mask, off = _tile(row0, chunk, R, G, CG, S, sn, sc, ss, BLOCK_R, BLOCK_C, BLOCK_S)
+    _, _, _, _, _, _, dyoff = _tile(row0, chunk, R, G, CG, S, dn, dc, ds, BLOCK_R, BLOCK_C, BLOCK_S)
+    xhat, w, rstd, z = _affine(X, W, B, MEAN, RSTD, r, rmask, c, cmask, mask, off)
     dy = tl.load(DY + dyoff, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(z)
-    return dy * sig * (1.0 + z * (1.0 - sig))
+    return r, rmask, n, c, cmask, mask, off, xhat, w, rstd, dy * sig * (1.0 + z * (1.0 - sig))
 
 
 @triton.jit
 def _backward_sums_kernel(X, DY, W, B, MEAN, RSTD, DB_P, DW_P, R, G, C, CG, S, sn, sc, ss, dn, dc, ds, NCHUNK,
                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
-    row0 = tl.program_id(0) * BLOCK_R
-    chunk = tl.program_id(1)
-    r, rmask, n, c, cmask, mask, off = _tile(row0, chunk, R, G, CG, S, sn, sc, ss, BLOCK_R, BLOCK_C, BLOCK_S)
-    _, _, _, _, _, _, dyoff = _tile(row0, chunk, R, G, CG, S, dn, dc, ds, BLOCK_R, BLOCK_C, BLOCK_S)
-    xhat, _, _, z = _affine(X, W, B, MEAN, RSTD, r, rmask, c, cmask, mask, off)
-    dz = _dz(DY, dyoff, mask, z)
-    out = (n[:, None] * NCHUNK + chunk) * C + c
+    _, _, n, c, cmask, _, _, xhat, _, _, dz = _backward_tile(X, DY, W, B, MEAN, RSTD, R, G, CG, S, sn, sc, ss, dn,
+                                                             dc, ds, BLOCK_R, BLOCK_C, BLOCK_S)  # fmt: skip
+    out = (n[:, None] * NCHUNK + tl.program_id(1)) * C + c
     tl.store(DB_P + out, tl.sum(dz, axis=2), mask=cmask)
     tl.store(DW_P + out, tl.sum(dz * xhat, axis=2), mask=cmask)
 
@@ -99,12 +102,8 @@ def _backward_sums_kernel(X, DY, W, B, MEAN, RSTD, DB_P, DW_P, R, G, C, CG, S, s
 @triton.jit
 def _backward_kernel(X, DY, DX, W, B, MEAN, RSTD, C1, C2, R, G, CG, S, sn, sc, ss, dn, dc, ds,
                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
-    row0 = tl.program_id(0) * BLOCK_R
-    chunk = tl.program_id(1)
-    r, rmask, _, c, cmask, mask, off = _tile(row0, chunk, R, G, CG, S, sn, sc, ss, BLOCK_R, BLOCK_C, BLOCK_S)
-    _, _, _, _, _, _, dyoff = _tile(row0, chunk, R, G, CG, S, dn, dc, ds, BLOCK_R, BLOCK_C, BLOCK_S)
-    xhat, w, rstd, z = _affine(X, W, B, MEAN, RSTD, r, rmask, c, cmask, mask, off)
-    dz = _dz(DY, dyoff, mask, z)
+    r, rmask, _, _, _, mask, off, xhat, w, rstd, dz = _backward_tile(X, DY, W, B, MEAN, RSTD, R, G, CG, S, sn, sc,
+                                                                     ss, dn, dc, ds, BLOCK_R, BLOCK_C, BLOCK_S)  # fmt: skip
     c1 = tl.load(C1 + r, mask=rmask, other=0.0)[:, None, None]
     c2 = tl.load(C2 + r, mask=rmask, other=0.0)[:, None, None]
     tl.store(DX + off, (rstd * (dz * w - c1 - xhat * c2)).to(DX.dtype.element_ty), mask=mask)
