@@ -61,7 +61,7 @@ def test_gradient_accumulation_equals_larger_batch_with_kernels_on(tmp_path, mic
 
 
 @pytest.mark.slow
-def test_kernels_and_channels_last_give_the_losses_of_plain_torch(tmp_path, micro_model, monkeypatch):
+def test_kernels_channels_last_and_checkpointing_give_the_losses_of_plain_torch(tmp_path, micro_model, monkeypatch):
     from diffalign.kernels import _triton_energy, _triton_group_norm_silu
 
     layouts = []  # the memory layout of every input the GroupNorm+SiLU kernel saw
@@ -71,7 +71,8 @@ def test_kernels_and_channels_last_give_the_losses_of_plain_torch(tmp_path, micr
     monkeypatch.setattr(_triton_energy, "forward", lambda p, t: energies.append(len(p)) or energy_forward(p, t))
     runs = {}
     for name, train in {"off": {"kernels": "off"}, "on": {"kernels": "on"},
-                        "on+channels_last": {"kernels": "on", "channels_last": True}}.items():  # fmt: skip
+                        "on+channels_last": {"kernels": "on", "channels_last": True,
+                                             "gradient_checkpointing": True}}.items():  # fmt: skip
         cfg = micro_config(tmp_path / name.replace("+", "_"), micro_model, max_steps=2, **train)
         cfg["objective"]["beta"] = 50  # Diffusion-DPO's 5000 turns a 1e-7 energy difference into 2.5e-4
         layouts.clear()
@@ -81,6 +82,8 @@ def test_kernels_and_channels_last_give_the_losses_of_plain_torch(tmp_path, micr
         kernel_saw = {"off": set(), "on": {True}, "on+channels_last": {False}}[name]  # NCHW-contiguous or not
         assert set(layouts) == kernel_saw, name
         assert energies == ([] if name == "off" else [8, 8] * 2), name  # policy and reference, 2 steps x 4 pairs
+        if name == "on+channels_last":  # each fused block ran again in the backward (recomputation)
+            assert len(layouts) == 6 * 3 * 2, len(layouts)  # 6 GroupNorms x (policy, recomputed, ref) x 2 steps
     off_log, off_state = runs["off"]
     fp32 = TOLERANCES[torch.float32]
     for name in ("on", "on+channels_last"):
