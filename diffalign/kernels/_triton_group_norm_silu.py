@@ -4,13 +4,14 @@ x is viewed as [N, C, S] (S: the flattened spatial dimensions) with any strides,
 channels-last tensors are read in place. Every program handles one tile: BLOCK_S spatial positions of
 the BLOCK_C channels of a group (padded to a power of two), for BLOCK_R (sample, group) rows at once when
 groups are too small to fill a tile. Statistics and gradient sums are fp32; partial sums go to small
-buffers that torch adds up in a fixed order, so results do not depend on scheduling (no atomics).
+buffers that are added up in a fixed order, so results do not depend on scheduling (no atomics).
 
-Forward: (1) per tile, the tile's mean and sum of squared deviations; merged per group in torch (Chan et
-al.'s pairwise update, stable for large groups); (2) per tile, y = silu((x - mean) * rstd * w + b).
-Backward, with z the pre-activation and dz = dy * silu'(z): (1) per tile and channel, sum(dz) and
-sum(dz * xhat); torch turns them into dw, db and two per-group constants; (2) per tile,
-dx = rstd * (w * dz - mean_g(w * dz) - xhat * mean_g(w * dz * xhat)).
+Three launches each way. Forward: (1) per tile, the tile's mean and sum of squared deviations; (2) per
+group, their merge (Chan et al.'s pairwise update, stable for large groups) into mean and rstd; (3) per
+tile, y = silu((x - mean) * rstd * w + b). Backward, with z the pre-activation and dz = dy * silu'(z):
+(1) per tile and channel, sum(dz) and sum(dz * xhat); (2) per group, their sums into dbias, dweight and
+two per-(sample, group) means; (3) per tile, dx = rstd * (w * dz - mean_g(w * dz) - xhat * mean_g(w * dz *
+xhat)).
 """
 
 from __future__ import annotations
@@ -52,6 +53,27 @@ def _stats_kernel(X, MEAN_P, M2_P, R, G, CG, S, sn, sc, ss, NCHUNK,
     d = tl.where(mask, x - mean[:, None, None], 0.0)
     tl.store(MEAN_P + r * NCHUNK + chunk, mean, mask=rmask)
     tl.store(M2_P + r * NCHUNK + chunk, tl.sum(tl.sum(d * d, axis=2), axis=1), mask=rmask)
+
+
+@triton.jit
+def _stats_finalize_kernel(MEAN_P, M2_P, MEAN, RSTD, CG, S, NCHUNK, inv_count, eps,
+                           BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """Per row: merge the tiles' (count, mean, M2) into the group's mean and rstd (Chan et al.)."""
+    r = tl.program_id(0)
+    acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, NCHUNK, BLOCK_K):  # first pass: the mean, sum(count * tile mean) / count
+        k = k0 + tl.arange(0, BLOCK_K)
+        count = tl.where(k < NCHUNK, (CG * tl.minimum(S - k * BLOCK_S, BLOCK_S)).to(tl.float32), 0.0)
+        acc += tl.load(MEAN_P + r * NCHUNK + k, mask=k < NCHUNK, other=0.0) * count
+    mean = tl.sum(acc) * inv_count
+    acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, NCHUNK, BLOCK_K):  # second pass: M2 = sum(tile M2 + count * (tile mean - mean)^2)
+        k = k0 + tl.arange(0, BLOCK_K)
+        count = tl.where(k < NCHUNK, (CG * tl.minimum(S - k * BLOCK_S, BLOCK_S)).to(tl.float32), 0.0)
+        d = tl.load(MEAN_P + r * NCHUNK + k, mask=k < NCHUNK, other=0.0) - mean
+        acc += tl.load(M2_P + r * NCHUNK + k, mask=k < NCHUNK, other=0.0) + count * d * d
+    tl.store(MEAN + r, mean)
+    tl.store(RSTD + r, 1.0 / tl.sqrt(tl.sum(acc) * inv_count + eps))
 
 
 @triton.jit
@@ -100,6 +122,35 @@ def _backward_sums_kernel(X, DY, W, B, MEAN, RSTD, DB_P, DW_P, R, G, C, CG, S, s
 
 
 @triton.jit
+def _backward_finalize_kernel(DB_P, DW_P, W, C1, C2, DW, DB, N, G, C, CG, NCHUNK, inv_count,
+                              BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """Per group: the per-channel sums over samples and tiles (dbias, dweight), and per (sample, group)
+    the means over the group of w * dz and w * dz * xhat (C1, C2)."""
+    g = tl.program_id(0)
+    ci = tl.arange(0, BLOCK_C)
+    cmask = ci < CG
+    c = g * CG + ci
+    w = tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
+    db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    dw = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for n in range(N):
+        s_dz = tl.zeros([BLOCK_C], dtype=tl.float32)
+        s_dzx = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for k0 in range(0, NCHUNK, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            off = (n * NCHUNK + k[:, None]).to(tl.int64) * C + c[None, :]
+            mask = (k < NCHUNK)[:, None] & cmask[None, :]
+            s_dz += tl.sum(tl.load(DB_P + off, mask=mask, other=0.0), axis=0)
+            s_dzx += tl.sum(tl.load(DW_P + off, mask=mask, other=0.0), axis=0)
+        db += s_dz
+        dw += s_dzx
+        tl.store(C1 + n * G + g, tl.sum(w * s_dz) * inv_count)
+        tl.store(C2 + n * G + g, tl.sum(w * s_dzx) * inv_count)
+    tl.store(DB + c, db.to(DB.dtype.element_ty), mask=cmask)
+    tl.store(DW + c, dw.to(DW.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
 def _backward_kernel(X, DY, DX, W, B, MEAN, RSTD, C1, C2, R, G, CG, S, sn, sc, ss, dn, dc, ds,
                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
     r, rmask, _, _, _, mask, off, xhat, w, rstd, dz = _backward_tile(X, DY, W, B, MEAN, RSTD, R, G, CG, S, sn, sc,
@@ -132,6 +183,11 @@ def _blocks(x3: torch.Tensor, groups: int) -> tuple[dict, tuple[int, int]]:
     return blocks, (triton.cdiv(rows, block_r), triton.cdiv(S, block_s))
 
 
+def _block_k(chunks: int, width: int) -> int:
+    """How many tiles' partial sums a finalize program reads at once (a loop covers the rest)."""
+    return min(triton.next_power_of_2(chunks), max(1, TILE // width))
+
+
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float):
     """y = silu(group_norm(x)) in x's dtype and memory layout; with the [N * G] fp32 mean and rstd."""
     x = _dense(x)
@@ -145,13 +201,10 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: i
     mean_p = torch.empty(rows, chunks, device=x.device, dtype=torch.float32)
     m2_p = torch.empty_like(mean_p)
     _stats_kernel[grid](x3, mean_p, m2_p, rows, groups, cg, S, *x3.stride(), chunks, **blocks)
-    # Chan et al.: merge the tiles' (count, mean, M2) into each group's
-    block_s = blocks["BLOCK_S"]
-    counts = (cg * (S - torch.arange(chunks, device=x.device) * block_s).clamp(max=block_s)).float()
-    total = counts.sum()
-    mean = (mean_p * counts).sum(1) / total
-    m2 = m2_p.sum(1) + ((mean_p - mean[:, None]) ** 2 * counts).sum(1)
-    rstd = torch.rsqrt(m2 / total + eps)
+    mean = torch.empty(rows, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    _stats_finalize_kernel[(rows,)](mean_p, m2_p, mean, rstd, cg, S, chunks, 1.0 / (cg * S), eps,
+                                    BLOCK_S=blocks["BLOCK_S"], BLOCK_K=_block_k(chunks, 1))  # fmt: skip
     _forward_kernel[grid](x3, _nc_s(y), weight, bias, mean, rstd, rows, groups, cg, S, *x3.stride(), **blocks)
     return y, mean, rstd
 
@@ -169,11 +222,12 @@ def backward(dy, x, weight, bias, mean, rstd, groups: int):
     strides = (*x3.stride(), *dy3.stride())
     _backward_sums_kernel[grid](x3, dy3, weight, bias, mean, rstd, db_p, dw_p, rows, groups, C, cg, S, *strides,
                                 chunks, **blocks)  # fmt: skip
-    sum_dz, sum_dz_xhat = db_p.sum(1), dw_p.sum(1)  # [N, C]
-    dweight, dbias = sum_dz_xhat.sum(0).to(weight.dtype), sum_dz.sum(0).to(bias.dtype)
-    w = weight.float()
-    c1 = (sum_dz * w).view(N, groups, cg).sum(2).flatten() / (cg * S)  # group mean of w * dz
-    c2 = (sum_dz_xhat * w).view(N, groups, cg).sum(2).flatten() / (cg * S)  # ... of w * dz * xhat
+    dweight, dbias = torch.empty_like(weight), torch.empty_like(bias)
+    c1 = torch.empty(rows, device=x.device, dtype=torch.float32)
+    c2 = torch.empty_like(c1)
+    _backward_finalize_kernel[(groups,)](db_p, dw_p, weight, c1, c2, dweight, dbias, N, groups, C, cg, chunks,
+                                         1.0 / (cg * S), BLOCK_C=blocks["BLOCK_C"],
+                                         BLOCK_K=_block_k(chunks, blocks["BLOCK_C"]))  # fmt: skip
     dx = torch.empty_like(x)
     assert _nc_s(dx).stride() == x3.stride()
     _backward_kernel[grid](x3, dy3, _nc_s(dx), weight, bias, mean, rstd, c1, c2, rows, groups, cg, S, *strides,

@@ -21,12 +21,16 @@ def per_sample_mse_reference(pred: torch.Tensor, target: torch.Tensor) -> torch.
     return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.dim())))
 
 
-# The Triton launches are custom operators, opaque to torch.compile (see group_norm_silu.py).
+def _triton():
+    from diffalign.kernels import _triton_energy
+
+    return _triton_energy
+
+
+# Custom operators under torch.compile, direct launches in eager mode (see group_norm_silu.py).
 @torch.library.custom_op("diffalign::per_sample_mse_forward", mutates_args=())
 def _forward_op(pred: Tensor, target: Tensor) -> Tensor:
-    from diffalign.kernels import _triton_energy as tk
-
-    return tk.forward(pred, target)
+    return _triton().forward(pred, target)
 
 
 @_forward_op.register_fake
@@ -37,9 +41,7 @@ def _(pred, target):
 @torch.library.custom_op("diffalign::per_sample_mse_backward", mutates_args=())
 def _backward_op(grad: Tensor, pred: Tensor, target: Tensor, need_pred: bool, need_target: bool) -> tuple[Tensor, Tensor]:
     """(grad pred, grad target); an empty tensor for one not needed."""
-    from diffalign.kernels import _triton_energy as tk
-
-    dp, dt = tk.backward(grad, pred, target, need_pred, need_target)
+    dp, dt = _triton().backward(grad, pred, target, need_pred, need_target)
     return (dp if need_pred else pred.new_empty(0)), (dt if need_target else target.new_empty(0))
 
 
@@ -56,13 +58,14 @@ class PerSampleMSEFunction(torch.autograd.Function):
     def forward(ctx, pred, target):
         pred, target = pred.contiguous(), target.contiguous()
         ctx.save_for_backward(pred, target)
-        return _forward_op(pred, target)
+        return (_forward_op if torch.compiler.is_compiling() else _triton().forward)(pred, target)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         need_pred, need_target = ctx.needs_input_grad[:2]
-        dp, dt = _backward_op(grad, *ctx.saved_tensors, need_pred, need_target)
+        launch = _backward_op if torch.compiler.is_compiling() else _triton().backward
+        dp, dt = launch(grad, *ctx.saved_tensors, need_pred, need_target)
         return (dp if need_pred else None), (dt if need_target else None)
 
 
