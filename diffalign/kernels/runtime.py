@@ -52,7 +52,7 @@ def fallback_reason(device: torch.device | str) -> str | None:
     device = torch.device(device)
     if load_triton() is None:
         return f"triton is not installed ({INSTALL_HINT})"
-    if device.type == "cuda" or interpreting():
+    if device.type == "cuda" or (device.type == "cpu" and interpreting()):
         return None
     return f"no CUDA device (on {device.type}; TRITON_INTERPRET=1 runs the kernels on a CPU, slowly)"
 
