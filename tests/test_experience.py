@@ -148,10 +148,9 @@ def test_an_objective_refuses_an_experience_it_cannot_learn_from(tmp_path):
 
 
 def test_lora_init_depends_on_the_seed_not_on_what_ran_before(tmp_path):
+    from diffalign.backbones.tiny import save_tiny_pipeline
     from diffalign.config import load_config
     from diffalign.training.trainer import Trainer
-
-    from diffalign.backbones.tiny import save_tiny_pipeline
 
     model = {"pretrained": str(save_tiny_pipeline(tmp_path / "sd"))}  # loaded from disk: no seeding on the way
     lora = {"rank": 4, "init": "default"}
