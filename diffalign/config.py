@@ -108,6 +108,22 @@ class OptimConfig(_Section):
     max_grad_norm: float | None = 1.0
 
 
+class PoolConfig(_Section):
+    """`train.reference: pool`: the reference of each optimizer step is drawn from earlier checkpoints of
+    this run (SePPO's Random Checkpoint Replay, docs/seppo.md). The starting model theta_0 is always a
+    member; a completed checkpoint joins when its step is a multiple of `every`; beyond `cap` members the
+    oldest checkpoint leaves (theta_0 stays)."""
+
+    #: uniform: each step draws a member uniformly (the paper); first: always theta_0 (DITTO); last: the
+    #: newest checkpoint (SPIN-Diffusion). Draws are keyed on (train.seed, step).
+    draw: Literal["uniform", "first", "last"] = "uniform"
+    #: None: every checkpoint (checkpoint.every); otherwise a multiple of checkpoint.every
+    every: int | None = pydantic.Field(None, ge=1)
+    #: at most this many members, theta_0 included (LoRA: adapters of megabytes; full fine-tuning: one
+    #: state dict each in CPU memory, in the training weight dtype)
+    cap: int = pydantic.Field(8, ge=1)
+
+
 class TrainSection(_Section):
     batch_size: int = pydantic.Field(1, ge=1)  # items (pairs / ranked lists) per process per micro-step
     grad_accum: int = pydantic.Field(1, ge=1)
@@ -116,8 +132,10 @@ class TrainSection(_Section):
     gradient_checkpointing: bool = False
     attention: Literal["sdpa", "xformers"] = "sdpa"
     seed: int = 0
-    #: the reference model: auto = adapters off for LoRA, a frozen copy for full fine-tuning
-    reference: Literal["auto", "lora_off", "frozen_copy"] = "auto"
+    #: the reference model: auto = the objective's (SePPO: pool), else adapters off for LoRA and a frozen
+    #: copy for full fine-tuning; pool = earlier checkpoints of this run (`train.pool`)
+    reference: Literal["auto", "lora_off", "frozen_copy", "pool"] = "auto"
+    pool: PoolConfig = PoolConfig()
     #: stop after this many consecutive steps skipped for a non-finite loss or gradient
     max_nonfinite_steps: int = pydantic.Field(5, ge=1)
     num_workers: int = pydantic.Field(0, ge=0)
@@ -208,6 +226,22 @@ class Config(_Section):
         obj = get_objective(self.objective.name)
         return obj.experience[0] if self.experience.source == "auto" else self.experience.source
 
+    def reference_kind(self) -> str:
+        """The reference this run uses: `train.reference`, or for auto the objective's default (SePPO: pool),
+        else adapters off for LoRA and a frozen copy for full fine-tuning."""
+        from diffalign.objectives import get_objective
+
+        if self.train.reference != "auto":
+            return self.train.reference
+        obj = get_objective(self.objective.name)
+        if obj.reference != "auto":
+            return obj.reference
+        return "lora_off" if self.lora is not None else "frozen_copy"
+
+    def pool_every(self) -> int:
+        """Steps between pool members (`train.pool.every`, default checkpoint.every)."""
+        return self.train.pool.every or self.checkpoint.every
+
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> Config:
         from diffalign.objectives import get_objective
@@ -224,6 +258,9 @@ class Config(_Section):
             raise ValueError(f"objective {obj.name!r} needs data.format in {list(obj.formats)}, got {self.data.format!r}")
         if self.train.reference == "lora_off" and self.lora is None:
             raise ValueError("train.reference=lora_off needs a lora section (or use frozen_copy / auto)")
+        if obj.needs_reference and self.reference_kind() == "pool" and self.pool_every() % self.checkpoint.every:
+            raise ValueError(f"train.pool.every={self.pool_every()} must be a multiple of checkpoint.every="
+                             f"{self.checkpoint.every}: pool members are read from saved checkpoints")  # fmt: skip
         return self
 
 

@@ -40,7 +40,7 @@ def test_every_demo_config_validates(tmp_path):
                 assert c.lora is None  # full fine-tuning, as the prototype
     dw = load_config(rendered(tmp_path)["toy_dpo_winner"][1])
     assert dw.objective.params()["winner_weight"] == 500.0
-    assert "winner_weight" not in load_config(rendered(tmp_path)["toy_dpo"][1]).objective.params()
+    assert load_config(rendered(tmp_path)["toy_dpo"][1]).objective.params()["winner_weight"] == 0.0  # the default
 
 
 def test_base_cache_key_follows_the_recipe():

@@ -31,6 +31,7 @@ class RowSource:
     fingerprint: str  # short stable id of the source, part of every item key
     base_dir: str | None = None  # relative image paths are resolved against it
     description: str = ""
+    single_images: bool = False  # a plain image + prompt set (jsonl "image" lines): one candidate per item
 
     @property
     def column_names(self) -> list[str]:

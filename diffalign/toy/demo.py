@@ -2,7 +2,7 @@
 
 1. base: the cached toy base model (diffalign.toy.base), trained by the real trainer on first use;
 2. data: toy Syn-Pic (`diffalign synpic` code: the base sampled k times per prompt, ranked by the toy reward);
-3. align: DPO, DPO + winner-likelihood term, MaPO, RankDPO, DCPO and SFT on winners, each a `diffalign train`
+3. align: DPO, DPO + winner-likelihood term, MaPO, RankDPO, DCPO, SFT on winners and SePPO, each a `diffalign train`
    config written to OUT/configs/ (recipes: diffalign/toy/recipes.py) and run by the real Trainer;
 4. evaluate: every model and the base on the toyworld suite (`diffalign eval` code), paired on the same
    prompts and seeds, with an exact McNemar test of each method against the base;
@@ -149,8 +149,12 @@ def collect(summary: dict, rows: dict[str, list[dict]], trained: dict[str, Path]
         if label != "base":
             row["mcnemar"] = paired_mcnemar(rows[label], rows["base"], CORRECT)
             m = final_metrics(trained[label])
-            row["train"] = {k: m.get(k) for k in ("loss", "implicit_acc", "drift_w", "drift_l", "err_w", "err_l")}
+            row["train"] = {k: m.get(k) for k in ("loss", "implicit_acc", "drift_w", "drift_l", "err_w", "err_l",
+                                                  "flip_frac")}  # fmt: skip
             row["objective"] = METHODS[label].objective
+            if label == "seppo":  # SePPO learns from the winners alone: also paired against DPO and SFT on them
+                row["mcnemar_vs"] = {o: paired_mcnemar(rows[label], rows[o], CORRECT) for o in ("dpo", "sft_winners")
+                                     if o in rows}  # fmt: skip
         models[label] = row
     return {"models": models, "suite": summary["suite"], "prompts": summary["prompts"],
             "images_per_prompt": summary["images_per_prompt"], "recipe": _recipe_dict(recipe)}  # fmt: skip
@@ -196,6 +200,11 @@ def results_markdown(results: dict) -> str:
               "(the discordant pairs of the exact McNemar test). drift_w / drift_l: the last logged "
               "policy-minus-reference denoising error of the preferred / rejected images (needs a reference "
               "model: not logged for MaPO and SFT). Positive drift_w: the preferred images became LESS likely.", ""]
+    for m in results["models"].values():
+        for other, mc in (m.get("mcnemar_vs") or {}).items():
+            if mc:
+                lines.append(f"{m['label']} against {results['models'][other]['label']}: better / worse images "
+                             f"{mc['a_only']} / {mc['b_only']}, McNemar p = {_p(mc['p_value'])}.")  # fmt: skip
     if "seconds" in results:
         s = results["seconds"]
         lines.append("Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in s.items()) + ".")

@@ -20,7 +20,12 @@ gain (docs/demo.md).
 - dcpo: DCPO on the same pairs as dpo, each image captioned by what the toy reward reads in it
   (diffalign/toy/dual_captions.py), beta 2000 like dpo so that the captions are the only difference (DCPO's
   own default, 500, was tuned for SD 2.1 next to DPO's 5000);
-- sft_winners: supervised fine-tuning on the best image of each pair.
+- sft_winners: supervised fine-tuning on the best image of each pair;
+- seppo: SePPO on the same winners, each against a sample drawn during training, from the same prompt, by a
+  reference drawn from the run's own checkpoints (every align_steps / 8 steps, theta_0 included), with the
+  anchor flip; beta 2000 like dpo. The sample is made with the demo's own sampler (DDIM sample_steps, no
+  guidance), a whole micro-batch at a time (sampler.batch_size = pairs per step: faster than 1, and equal
+  to it only up to float rounding, which the demo does not need).
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ class Method:
     #: caption per image (diffalign.toy.dual_captions)
     data: Literal["pairs", "lists", "dual_captions"] = "pairs"
     note: str = ""
+    #: the loser of each pair is sampled during training by the reference (experience.source generated)
+    generated: bool = False
 
 
 METHODS: dict[str, Method] = {
@@ -63,6 +70,8 @@ METHODS: dict[str, Method] = {
         Method("dcpo", "DCPO", {"name": "dcpo", "beta": 2000.0}, 1e-4, data="dual_captions",
                note="DPO pairs, each image captioned by what it shows (DCPO-c, exact captioner)"),
         Method("sft_winners", "SFT on winners", {"name": "sft"}, 1e-4, note="the best image of each group"),
+        Method("seppo", "SePPO", {"name": "seppo", "beta": 2000.0}, 1e-4, generated=True,
+               note="the winners only, each against a sample by a reference drawn from earlier checkpoints"),
     )
 }  # fmt: skip
 
@@ -132,17 +141,21 @@ def _align_data(m: Method, p: dict[str, str], r: DemoRecipe) -> dict:
 def align_config(method: str, out: str | Path, r: DemoRecipe = DemoRecipe()) -> dict:
     m = METHODS[method]
     p = paths(out)
-    return {
+    batch = r.align_images // (r.k if m.data == "lists" else 2)
+    cfg = {
         "model": {"pretrained": p["base"]},
         "data": _align_data(m, p, r),
         "objective": dict(m.objective),
         "optim": {"lr": m.lr},
-        "train": {"batch_size": r.align_images // (r.k if m.data == "lists" else 2), "max_steps": r.align_steps,
-                  "seed": 0},  # fmt: skip
+        "train": {"batch_size": batch, "max_steps": r.align_steps, "seed": 0},
         "logging": {"every": max(1, min(10, r.align_steps)), "tensorboard": False},
         "checkpoint": {"every": r.align_steps, "keep": 1},
         "output_dir": f"{p['train']}/{method}",
     }
+    if m.generated:  # SePPO: the checkpoints are the reference pool's members
+        cfg["experience"] = {"sampler": {"steps": r.sample_steps, "guidance": r.guidance, "batch_size": batch}}
+        cfg["checkpoint"] = {"every": max(1, r.align_steps // 8), "keep": 1}
+    return cfg
 
 
 def base_config(out: str | Path, r: DemoRecipe = DemoRecipe()) -> dict:

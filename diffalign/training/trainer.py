@@ -155,8 +155,10 @@ class Trainer:
         else:
             unet.to(acc.device).requires_grad_(True)
         needs_ref = self.objective.needs_reference
-        self.reference = make_reference(cfg.train.reference, needs_ref, cfg.lora is not None, unet,
-                                        self.weight_dtype, unwrap=acc.unwrap_model).to(acc.device)  # fmt: skip
+        pool = dict(seed=cfg.train.seed, every=cfg.pool_every(), cap=cfg.train.pool.cap, draw=cfg.train.pool.draw,
+                    output_dir=self.out, is_main=acc.is_main_process)  # fmt: skip
+        self.reference = make_reference(cfg.reference_kind(), needs_ref, cfg.lora is not None, unet,
+                                        self.weight_dtype, unwrap=acc.unwrap_model, pool=pool).to(acc.device)  # fmt: skip
         self.params = [p for p in unet.parameters() if p.requires_grad]
         if cfg.train.compile:
             self._compile(unet)
@@ -292,7 +294,7 @@ class Trainer:
                 ref = exp.energy(ref_model) if ref_model is not None else None
         phi = exp.phi.to(energy.device, energy.dtype)
         loss, metrics = self.objective(energy, ref, phi, **self.objective_params)
-        return loss, {**metrics, **exp.metrics}
+        return loss, {**metrics, **exp.metrics, **self.reference.metrics()}
 
     # ---- the loop -----------------------------------------------------------------------------------
     def _loader(self):
@@ -343,12 +345,12 @@ class Trainer:
                 self.step, self.micro = state["step"], state["micro"]
                 self.counters.update(state["counters"])
                 acc.print(f"resumed from {path} at step {self.step}")
-        self.reference.on_step(self.step)
         if acc.is_main_process:
             (self.out / "logs").mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(dump_config(cfg))
         acc.init_trackers("diffalign")
-        acc.print(self.summary())
+        acc.print(self.summary())  # before the reference loads a checkpoint pool: its adapters are no parameters of ours
+        self.reference.on_step(self.step)
 
         from tqdm.auto import tqdm
 
