@@ -101,5 +101,5 @@ def test_toy_sampler_uses_the_model_folders_noise_schedule(tmp_path):
         build_init_backbone(replace(QUICK_RECIPE, prediction_type=pred)).save_pretrained(tmp_path / pred)
         gen = ToySamplerGenerator(unet=str(tmp_path / pred), device="cpu", steps=2)
         gen._load()
-        assert gen._parts[3].config.prediction_type == pred
+        assert gen._parts.process.prediction_type == pred
         assert len(gen.generate(["a red circle"], [0])) == 1
