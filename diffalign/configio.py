@@ -20,10 +20,12 @@ from typing import Any, Literal, TypeVar
 import pydantic
 import yaml
 
+from diffalign.errors import UserError
+
 M = TypeVar("M", bound=pydantic.BaseModel)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot be used; the message says what to fix."""
 
 
@@ -55,6 +57,21 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         key, raw = item.split("=", 1)
         out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
     return out
+
+
+def parse_cli(parser, argv: list[str] | None):
+    """`parser.parse_args` for commands that take `key.path=value` overrides (a positional with
+    nargs="*"): the overrides may come before, between or after the flags. A dotted key written as an
+    option (`--train.max_steps=4`) is a ConfigError saying how to write it."""
+    argv = list(argv or [])
+    known = {s for action in parser._actions for s in action.option_strings}
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name.startswith("-") and name not in known and "." in name:
+            if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                value = argv[i + 1]
+            raise ConfigError(f"unknown option {arg!r}: overrides take no dashes; write {name.lstrip('-')}={value or '...'}")
+    return parser.parse_intermixed_args(argv)
 
 
 def apply_overrides(tree: dict, overrides: list[str]) -> dict:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -24,13 +23,14 @@ from safetensors.torch import save_file
 
 from diffalign.atomic import atomic_path, remove_temps, write_atomic
 from diffalign.data.dataset import candidate_flips, item_draws
+from diffalign.errors import MissingFile, UserError, cli_entry
 
 INDEX = "index.json"
 FORMAT_VERSION = 1
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class CacheMismatchError(ValueError):
+class CacheMismatchError(UserError, ValueError):
     pass
 
 
@@ -149,8 +149,8 @@ class CachedPreferenceDataset(torch.utils.data.Dataset):
 
         self.path = Path(path)
         if not (self.path / INDEX).is_file():
-            raise FileNotFoundError(f"no cache at {self.path}: run `diffalign cache <config>` first "
-                                    "(or set cache.enabled=false)")
+            raise MissingFile(f"no cache at {self.path}: run `diffalign cache <config>` first "
+                              "(or set cache.enabled=false)")
         self.index = json.loads((self.path / INDEX).read_text())
         self.cfg = cfg
         # the light part of the dataset (captions order, phi, keys) comes from the real loader
@@ -224,21 +224,19 @@ class CachedPreferenceDataset(torch.utils.data.Dataset):
         return out
 
 
+@cli_entry("diffalign cache")
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from diffalign.config import ConfigError, load_config
+    from diffalign.config import load_config
+    from diffalign.configio import parse_cli
 
     p = argparse.ArgumentParser(prog="diffalign cache", description="Precompute VAE latents and text conditioning.")
     p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, anywhere on the line: cache.dir=/data/cache")
     p.add_argument("--device", default=None)
-    args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"diffalign cache: {err}", file=sys.stderr)
-        return 2
+    args = parse_cli(p, argv)
+    cfg = load_config(args.config, args.overrides)
     out = build_cache(cfg, device=args.device)
     print(f"cache written to {out}; train with cache.enabled=true cache.dir={out}")
     return 0
