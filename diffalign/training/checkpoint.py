@@ -1,5 +1,15 @@
 """Atomic checkpoints: a checkpoint directory appears under its final name only when complete, and the
-`latest` pointer is replaced atomically after it, so a crash while saving never leaves a broken latest."""
+`latest` pointer is replaced atomically after it, so a crash while saving never leaves a broken latest.
+
+What a checkpoint holds and how each file is read back (docs/training.md, "Checkpoints"):
+- diffalign's own files are safetensors or JSON: `trainer_state.json`, the LoRA weights `lora_0.safetensors`,
+  the EMA weights `ema.safetensors` with its counters in `ema.json`;
+- accelerate's files: `model.safetensors` (full fine-tuning), and torch archives `optimizer.bin`,
+  `scheduler.bin`, `scaler.pt` (fp16), `random_states_<rank>.pkl`, which accelerate loads with
+  `torch.load(weights_only=True)` (numpy arrays and dtypes allow-listed for the RNG states). Nothing is
+  registered with accelerate's `register_for_checkpointing`, whose `custom_checkpoint_*.pkl` files it
+  unpickles with `weights_only=False`.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +19,12 @@ import shutil
 from pathlib import Path
 
 from diffalign.atomic import write_atomic
+from diffalign.errors import MissingFile, UserError, check_safetensors, check_torch_archive
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
+EMA_WEIGHTS = "ema.safetensors"
+EMA_STATE = "ema.json"
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -31,7 +44,8 @@ def finalize(tmp_dir: Path, final_dir: Path, state: dict, keep: int) -> None:
 
 
 def resolve(output_dir: str | Path, resume: str) -> Path | None:
-    """`latest` -> the newest complete checkpoint (None if there is none yet); else a path."""
+    """`latest` -> the newest complete checkpoint (None if there is none yet); else a path. The folder is
+    checked (verify) before anything in it is loaded."""
     if resume == LATEST:
         pointer = checkpoint_root(output_dir) / LATEST
         if not pointer.is_file():
@@ -40,9 +54,63 @@ def resolve(output_dir: str | Path, resume: str) -> Path | None:
     else:
         path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{path} is not a complete diffalign checkpoint (no {STATE_FILE})")
+        raise MissingFile(f"{path} is not a complete diffalign checkpoint (no {STATE_FILE})")
+    verify(path)
     return path
+
+
+def verify(path: Path) -> None:
+    """Refuse a checkpoint folder with a truncated file (named) or a pickle accelerate would run."""
+    fix = "resume from another checkpoint (--resume PATH) or start over without --resume"
+    pickled = sorted(path.glob("custom_checkpoint_*.pkl"))
+    if pickled:
+        raise UserError(f"{pickled[0]} is a pickled state (an EMA state from an earlier diffalign, or not written by "
+                        f"diffalign) that could run code when loaded, so diffalign does not read it; {fix}")  # fmt: skip
+    try:
+        json.loads((path / STATE_FILE).read_text())
+    except (ValueError, OSError) as err:
+        raise UserError(f"{path / STATE_FILE} is unreadable ({err}); {fix}") from None
+    for f in sorted(path.iterdir()):
+        if f.suffix == ".safetensors":
+            check_safetensors(f, fix)
+        elif f.suffix in (".bin", ".pt", ".pkl"):
+            check_torch_archive(f, fix)
 
 
 def read_state(path: Path) -> dict:
     return json.loads((path / STATE_FILE).read_text())
+
+
+# ---- EMA (diffusers' EMAModel) as safetensors + JSON -----------------------------------------------------
+
+
+def save_ema(ema, folder: str | Path) -> None:
+    """The EMA's shadow weights as `ema.safetensors` (shadow.<i>, in parameter order) and its counters
+    (decay, optimization_step, ...) as `ema.json`."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    state = dict(ema.state_dict())
+    shadow = state.pop("shadow_params")
+    save_file({f"shadow.{i}": t.detach().cpu().contiguous() for i, t in enumerate(shadow)}, str(folder / EMA_WEIGHTS))
+    (folder / EMA_STATE).write_text(json.dumps(state, indent=2))
+
+
+def load_ema(ema, folder: str | Path) -> None:
+    """Restore what save_ema wrote, in place (the shadow weights keep their device and dtype)."""
+    import torch
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    fix = "resume from another checkpoint, or set train.ema_decay=0"
+    if not (folder / EMA_WEIGHTS).is_file():
+        raise UserError(f"{folder} holds no EMA state ({EMA_WEIGHTS}) but train.ema_decay is set; {fix}")
+    check_safetensors(folder / EMA_WEIGHTS, fix)
+    tensors = load_file(str(folder / EMA_WEIGHTS))
+    want = {f"shadow.{i}": tuple(p.shape) for i, p in enumerate(ema.shadow_params)}
+    if {k: tuple(v.shape) for k, v in tensors.items()} != want:
+        raise UserError(f"{folder / EMA_WEIGHTS} does not match this model's trainable weights; {fix}")
+    with torch.no_grad():
+        for i, p in enumerate(ema.shadow_params):
+            p.copy_(tensors[f"shadow.{i}"])
+    ema.load_state_dict(json.loads((folder / EMA_STATE).read_text()))

@@ -175,8 +175,9 @@ class Trainer:
         if cfg.train.ema_decay:
             from diffusers.training_utils import EMAModel
 
+            # saved and resumed by diffalign as safetensors + JSON (checkpoint.save_ema), not through
+            # accelerate's register_for_checkpointing, which unpickles its files with weights_only=False
             self.ema = EMAModel(self.params, decay=cfg.train.ema_decay)
-            acc.register_for_checkpointing(self.ema)  # saved and resumed with the checkpoint
 
     def _source(self):
         cfg, acc = self.cfg, self.acc
@@ -300,6 +301,8 @@ class Trainer:
             path = ckpt.resolve(self.out, self.resume)
             if path is not None:
                 acc.load_state(str(path))
+                if self.ema is not None:
+                    ckpt.load_ema(self.ema, path)
                 state = ckpt.read_state(path)
                 self.step, self.micro = state["step"], state["micro"]
                 self.counters.update(state["counters"])
@@ -425,6 +428,8 @@ class Trainer:
         final = root / f"step-{self.step:07d}"
         tmp = root / f"step-{self.step:07d}.tmp"
         self.acc.save_state(str(tmp))
+        if self.ema is not None and self.acc.is_main_process:
+            ckpt.save_ema(self.ema, tmp)
         self.acc.wait_for_everyone()  # every rank has written its files (RNG states) before the rename
         if self.acc.is_main_process:
             state = {"step": self.step, "micro": self.micro, "counters": self.counters}
