@@ -24,7 +24,7 @@ from diffalign.backbones import load_backbone
 from diffalign.config import Config, dump_config, weight_dtype
 from diffalign.objectives import get_objective
 from diffalign.training import checkpoint as ckpt
-from diffalign.training.experience import GeneratedSource, OfflineSource
+from diffalign.training.experience import GeneratedSource, OfflineSource, stream_seed
 from diffalign.training.reference import make_reference
 
 
@@ -365,7 +365,7 @@ class Trainer:
             if batch is None or batch.get("skipped"):
                 self.counters["skipped_items"] += (batch or {}).get("skipped", cfg.train.batch_size)
             sync = acc.no_sync(self.unet) if i < accum - 1 and acc.num_processes > 1 else nullcontext()
-            with sync:
+            with sync, self._keyed_global_rng(micro):
                 if batch is not None:
                     loss, metrics = self.compute_loss(self._to_device(batch), micro)
                     ok = torch.isfinite(loss.detach()).float()
@@ -395,6 +395,18 @@ class Trainer:
             sums["grad_norm"] = float(grad_norm)
         sums["lr"] = self.scheduler.get_last_lr()[0]
         return sums, False
+
+    @contextmanager
+    def _keyed_global_rng(self, micro: int):
+        """Inside a micro-batch, torch's global RNG (LoRA dropout draws from it) is seeded from (seed,
+        micro-step, process) and restored after. Left to run on, it would not survive a resume: the RNG
+        states accelerate restores are those of the checkpoint, but starting a DataLoader iterator draws
+        its base seed from the global stream, one draw a resumed run makes at another point."""
+        acc = self.acc
+        devices = [acc.device] if acc.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(stream_seed(self.cfg.train.seed, "torchrng", micro * acc.num_processes + acc.process_index))
+            yield
 
     def _log(self, window: dict[str, list[float]], t0: float) -> dict[str, float]:
         acc = self.acc
