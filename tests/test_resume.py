@@ -15,3 +15,43 @@ def test_resume_with_lora_dropout_matches_an_uninterrupted_run(tmp_path, monkeyp
     plain = run(tiny_config(tmp_path / "plain", **{**common, "lora": {"rank": 4}}))
     diff = max((trainable_state(full)[k] - v).abs().max().item() for k, v in trainable_state(plain).items())
     assert diff > 1e-5
+
+
+def test_a_new_run_in_a_folder_with_checkpoints_is_refused_unless_overwrite(tmp_path):
+    from pathlib import Path
+
+    import pytest
+
+    from diffalign.errors import UserError
+
+    common = dict(train={"max_steps": 2}, checkpoint={"every": 2})
+    cfg = tiny_config(tmp_path, **common)
+    run(cfg)
+    out = Path(cfg["output_dir"])
+    with pytest.raises(UserError) as err:
+        run(tiny_config(tmp_path, train={"max_steps": 1}, checkpoint={"every": 1}))
+    msg = str(err.value)
+    assert "\n" not in msg and str(out) in msg and "--resume latest" in msg and "--overwrite" in msg
+    assert (out / "checkpoints" / "step-0000002").is_dir()  # nothing was touched
+
+    from diffalign.config import load_config
+    from diffalign.training.trainer import Trainer
+
+    Trainer(load_config(tiny_config(tmp_path, train={"max_steps": 1}, checkpoint={"every": 1})), overwrite=True).train()
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-0000001"]
+
+
+def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
+    from diffalign.training import checkpoint as ckpt
+
+    root = ckpt.checkpoint_root(tmp_path)
+    for step in (5, 6, 500):  # a newer run's checkpoints (500) and older ones of this history
+        (root / f"step-{step:07d}").mkdir(parents=True)
+    tmp = root / "step-0000007.tmp"
+    tmp.mkdir()
+    ckpt.finalize(tmp, root / "step-0000007", {"step": 7}, keep=2)
+    latest = root / (root / "latest").read_text()
+    assert latest.name == "step-0000007" and latest.is_dir()
+    # keep=2 keeps the new one and the newest before it; the one after it in name order is not ours to prune
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-0000006", "step-0000007", "step-0000500"]

@@ -31,16 +31,56 @@ def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-", 1)[1])
+
+
 def finalize(tmp_dir: Path, final_dir: Path, state: dict, keep: int) -> None:
-    """Write the trainer state into tmp_dir, move it to final_dir, point `latest` at it, prune old ones."""
+    """Write the trainer state into tmp_dir, move it to final_dir, point `latest` at it, prune old ones:
+    of the checkpoints before this one, the newest keep - 1 stay. The new one is never pruned, nor any with
+    a higher step (left by a history this run did not continue; never ours to delete)."""
     (tmp_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
     if final_dir.exists():
         shutil.rmtree(final_dir)
     os.replace(tmp_dir, final_dir)
     write_atomic(final_dir.parent / LATEST, final_dir.name)
-    done = sorted(p for p in final_dir.parent.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in done[:-keep]:
+    done = [p for p in final_dir.parent.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    older = sorted((p for p in done if _step_of(p) < _step_of(final_dir)), key=_step_of)
+    for old in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+#: what a run writes into its output_dir (the latent cache, output_dir/cache, is not the run's)
+RUN_OUTPUTS = ("checkpoints", "final", "logs", "validation", "config.yaml")
+
+
+def check_new_run(output_dir: str | Path, resume: str | None, overwrite: bool, delete: bool = True) -> list[str]:
+    """A run without --resume must not write into a folder that holds another run's checkpoints or export
+    (its checkpoints would be pruned by name among the other run's, its export would replace the other's).
+    With overwrite, the other run's outputs are deleted first (when `delete`: one process does it); returns
+    what was deleted."""
+    out = Path(output_dir)
+    root = checkpoint_root(out)
+    held = sorted(p.name for p in root.glob("step-*")) if root.is_dir() else []
+    if resume is not None or not (held or (out / "final").is_dir()):
+        return []
+    if not overwrite:
+        what = f"checkpoints up to {held[-1]}" if held else "an exported final/ model"
+        raise UserError(f"{out} already holds a run ({what}); continue it with --resume latest, use another "
+                        "output_dir (--output-dir DIR), or pass --overwrite to delete it and start over")  # fmt: skip
+    removed = []
+    if not delete:
+        return removed
+    for name in RUN_OUTPUTS:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+        else:
+            continue
+        removed.append(str(p))
+    return removed
 
 
 def resolve(output_dir: str | Path, resume: str) -> Path | None:

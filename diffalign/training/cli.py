@@ -1,4 +1,4 @@
-"""`diffalign train CONFIG [key.path=value ...] [--output-dir DIR] [--resume latest|PATH] [--debug]`"""
+"""`diffalign train CONFIG [key.path=value ...] [--output-dir DIR] [--resume latest|PATH] [--overwrite] [--debug]`"""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted overrides, anywhere on the line: train.max_steps=100 objective.beta=2500")
     p.add_argument("--output-dir", help="where logs, checkpoints and the export go (overrides output_dir)")
     p.add_argument("--resume", help="'latest' or a checkpoint folder; 'latest' starts fresh if none exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the checkpoints, export, logs and validation images a run left in the output dir")  # fmt: skip
 
     from diffalign.config import load_config
     from diffalign.configio import parse_cli
@@ -24,6 +26,6 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, overrides)
     from diffalign.training.trainer import Trainer
 
-    Trainer(cfg, resume=args.resume).train()
+    Trainer(cfg, resume=args.resume, overwrite=args.overwrite).train()
     print(f"done: {cfg.output_dir}/final")
     return 0

@@ -101,7 +101,7 @@ class Trainer:
     """`Trainer(cfg).train()`. Pass `accelerator` to run inside one you built (its mixed precision must
     match train.mixed_precision); by default one is made from the config."""
 
-    def __init__(self, cfg: Config, resume: str | None = None, accelerator=None):
+    def __init__(self, cfg: Config, resume: str | None = None, accelerator=None, overwrite: bool = False):
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.acc = accelerator if accelerator is not None else make_accelerator(cfg)
@@ -115,7 +115,14 @@ class Trainer:
         self.micro = 0  # micro-batches consumed (the data position)
         self.counters = {"skipped_items": 0, "nonfinite_steps": 0, "consecutive_nonfinite": 0}
         self.resume = resume
+        self._preflight(overwrite)
         self._build()
+
+    def _preflight(self, overwrite: bool) -> None:
+        """What can be checked before any model is loaded."""
+        for path in ckpt.check_new_run(self.out, self.resume, overwrite, delete=self.acc.is_main_process):
+            self.acc.print(f"--overwrite: deleted {path}")
+        self.acc.wait_for_everyone()
 
     # ---- setup ------------------------------------------------------------------------------------
     def _build(self) -> None:
