@@ -119,6 +119,10 @@ class TrainSection(_Section):
     reference: Literal["auto", "lora_off", "frozen_copy"] = "auto"
     #: stop after this many consecutive steps skipped for a non-finite loss or gradient
     max_nonfinite_steps: int = pydantic.Field(5, ge=1)
+    #: stop when an update leaves a trainable weight non-finite or larger in magnitude than this (the loss
+    #: of that step was finite, so the loss guard cannot see it); such weights are never checkpointed.
+    #: 65504 is float16's largest value: a weight beyond it cannot run in fp16. None: only non-finite
+    max_weight_abs: float | None = pydantic.Field(65504.0, gt=0)
     num_workers: int = pydantic.Field(0, ge=0)
     #: exponential moving average of the trainable weights (diffusers' EMAModel: per-step decay
     #: min(ema_decay, (1 + n) / (10 + n))); validation images and the export use the EMA weights. 0 = off

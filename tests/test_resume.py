@@ -55,3 +55,37 @@ def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
     assert latest.name == "step-0000007" and latest.is_dir()
     # keep=2 keeps the new one and the newest before it; the one after it in name order is not ours to prune
     assert sorted(p.name for p in root.glob("step-*")) == ["step-0000006", "step-0000007", "step-0000500"]
+
+
+def test_an_update_that_blows_the_weights_up_stops_the_run_before_it_is_checkpointed(tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    import pytest
+    import torch
+    from safetensors.torch import load_file
+
+    from diffalign.training.trainer import NonFiniteLossError
+
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def exploding(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:  # the loss of step 2 was finite; its update is not
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].mul_(1e30)
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", exploding)
+    cfg = tiny_config(tmp_path, train={"max_steps": 3}, checkpoint={"every": 1})
+    with pytest.raises(NonFiniteLossError) as err:
+        run(cfg)
+    msg = str(err.value)
+    assert "step 2" in msg and "max_weight_abs" in msg and "step-0000001" in msg and "\n" not in msg
+    root = Path(cfg["output_dir"]) / "checkpoints"
+    assert (root / "latest").read_text() == "step-0000001" and not (root / "step-0000002").exists()
+    saved = load_file(str(root / "step-0000001" / "lora_0.safetensors"))
+    assert max(v.abs().max().item() for v in saved.values()) < 1e3
+    assert json.loads((root / "step-0000001" / "trainer_state.json").read_text())["step"] == 1

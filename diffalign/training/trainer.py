@@ -22,14 +22,15 @@ from torch.utils.data import DataLoader
 
 from diffalign.backbones import load_backbone
 from diffalign.config import Config, dump_config, weight_dtype
+from diffalign.errors import UserError
 from diffalign.objectives import get_objective
 from diffalign.training import checkpoint as ckpt
 from diffalign.training.experience import GeneratedSource, OfflineSource, stream_seed
 from diffalign.training.reference import make_reference
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(UserError, RuntimeError):
+    """Training diverged: non-finite losses or gradients, or weights that blew up."""
 
 
 class GlobalBatchSampler:
@@ -392,6 +393,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             return sums, True
         self.optimizer.step()  # under fp16 the grad scaler skips an overflowing step and lowers its scale
+        self._check_weights(f"the update of step {self.step + 1}")
         self.scheduler.step()
         if self.ema is not None:
             self.ema.step(self.params)
@@ -442,7 +444,25 @@ class Trainer:
         finally:
             self.ema.restore(self.params)
 
+    def _check_weights(self, what: str) -> None:
+        """Raise NonFiniteLossError if a trainable weight is non-finite or above train.max_weight_abs."""
+        limit = self.cfg.train.max_weight_abs
+        peaks = torch.stack(torch._foreach_norm([p.detach() for p in self.params], math.inf))
+        peak = peaks.max().item()
+        if math.isfinite(peak) and (limit is None or peak <= limit):
+            return
+        bad = int(torch.nan_to_num(peaks, nan=math.inf).argmax())
+        name = [n for n, p in self.acc.unwrap_model(self.unet).named_parameters() if p.requires_grad][bad]
+        pointer = ckpt.checkpoint_root(self.out) / ckpt.LATEST
+        last = pointer.read_text().strip() if pointer.is_file() else "none"
+        raise NonFiniteLossError(
+            f"{what} left weight {name} at |w| = {peak:.3g} (train.max_weight_abs={limit}); the run stops "
+            f"without saving it. The last checkpoint ({last}) holds the weights from before: lower optim.lr or "
+            "the objective's beta, or clip harder (optim.max_grad_norm)"
+        )
+
     def save_checkpoint(self) -> Path:
+        self._check_weights(f"step {self.step}")  # never checkpoint weights that blew up
         root = ckpt.checkpoint_root(self.out)
         final = root / f"step-{self.step:07d}"
         tmp = root / f"step-{self.step:07d}.tmp"
