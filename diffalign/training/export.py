@@ -23,18 +23,16 @@ def image_grid(images, cols: int | None = None):
 
 
 @torch.no_grad()
-def validation_grid(trainer, step: int) -> Path | None:
-    """Images at the config's fixed prompts and seeds: one row per prompt, one column per seed."""
+def validation_images(trainer, denoiser) -> list:
+    """The config's validation prompts x seeds (prompt-major) sampled from `denoiser`: with the backbone's
+    diffusers pipeline and DDIM for latent models, with diffalign.sampling (DDIM, the same seeds) for
+    pixel-space models. PIL images."""
     cfg = trainer.cfg.validation
-    if not cfg.prompts:
-        return None
     bb = trainer.backbone
-    denoiser = trainer.acc.unwrap_model(trainer.unet)
     res = cfg.resolution or trainer.cfg.data.resolution
-    images = []
     try:
         pipe = bb.pipeline(denoiser)
-    except NotImplementedError:  # pixel-space: diffalign's own sampler (DDIM, the same seeds)
+    except NotImplementedError:  # pixel-space: diffalign's own sampler
         from PIL import Image
 
         from diffalign.sampling import sample_images
@@ -43,18 +41,28 @@ def validation_grid(trainer, step: int) -> Path | None:
         seeds = [s for _ in cfg.prompts for s in cfg.seeds]
         with trainer.acc.autocast():
             arr = sample_images(bb, denoiser, prompts, seeds, steps=cfg.steps, guidance=cfg.guidance, height=res)
-        images = [Image.fromarray(a) for a in arr]
-    else:
-        from diffusers import DDIMScheduler
+        return [Image.fromarray(a) for a in arr]
+    from diffusers import DDIMScheduler
 
-        pipe.scheduler = DDIMScheduler.from_config(bb.noise_scheduler.config)
-        pipe.set_progress_bar_config(disable=True)
-        for prompt in cfg.prompts:
-            for seed in cfg.seeds:
-                g = torch.Generator(device="cpu").manual_seed(seed)
-                with trainer.acc.autocast():
-                    images.append(pipe(prompt, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
-                                       height=res, width=res, generator=g).images[0])
+    pipe.scheduler = DDIMScheduler.from_config(bb.noise_scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for prompt in cfg.prompts:
+        for seed in cfg.seeds:
+            g = torch.Generator(device="cpu").manual_seed(seed)
+            with trainer.acc.autocast():
+                images.append(pipe(prompt, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
+                                   height=res, width=res, generator=g).images[0])  # fmt: skip
+    return images
+
+
+@torch.no_grad()
+def validation_grid(trainer, step: int) -> Path | None:
+    """Images at the config's fixed prompts and seeds: one row per prompt, one column per seed."""
+    cfg = trainer.cfg.validation
+    if not cfg.prompts:
+        return None
+    images = validation_images(trainer, trainer.acc.unwrap_model(trainer.unet))
     grid = image_grid(images, cols=len(cfg.seeds))
     out = trainer.out / "validation" / f"step-{step:07d}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +89,9 @@ def export_final(trainer, metrics: dict) -> Path:
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
         layers = {k: v.detach().float().contiguous().cpu() for k, v in layers.items()}
-        bb.save_lora(out, layers)
+        # the adapter's LoraConfig (rank, lora_alpha, targets) travels in the file's metadata: without it
+        # diffusers assumes alpha = rank and loads the adapter at rank / alpha of its trained strength
+        bb.save_lora(out, layers, metadata=unet.peft_config["default"].to_dict())
         what = "LoRA adapter (diffusers format): `pipe.load_lora_weights(this_folder)`"
     else:
         if unet.dtype != torch.float32:  # diffusers warns on any dtype cast, even a no-op one
