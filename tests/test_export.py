@@ -59,3 +59,21 @@ def test_the_exported_lora_reproduces_the_trainers_validation_images_exactly(lor
     # the LoRA is strong enough to matter, so the equality can fail
     base = _images(_pipeline_with(None))
     assert max(np.abs(a.astype(int) - b.astype(int)).max() for a, b in zip(trained, base)) > 0
+
+
+def test_the_kohya_copy_loads_back_at_the_same_strength(lora_run):
+    """final/lora_kohya.safetensors (AUTOMATIC1111 / ComfyUI key names, alpha tensors): diffusers reads it
+    back through its own kohya conversion into the same images as the diffusers-format file."""
+    from safetensors import safe_open
+
+    final = lora_run.out / "final"
+    with safe_open(str(final / "lora_kohya.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+        alphas = {f.get_tensor(k).item() for k in keys if k.endswith(".alpha")}
+        meta = f.metadata()
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    assert alphas == {16.0} and meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "16.0"
+    diffusers_format = _images(_pipeline_with(final))
+    kohya = _images(_pipeline_with(final, weight_name="lora_kohya.safetensors"))
+    for a, b in zip(diffusers_format, kohya):
+        np.testing.assert_array_equal(a, b)

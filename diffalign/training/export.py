@@ -75,6 +75,26 @@ def validation_grid(trainer, step: int) -> Path | None:
     return out
 
 
+#: the LoRA in kohya's key format (AUTOMATIC1111, ComfyUI, SD.Next), beside diffusers' own file
+KOHYA_FILE = "lora_kohya.safetensors"
+
+
+def save_kohya_lora(path: Path, peft_layers: dict[str, torch.Tensor], prefix: str, peft_config) -> None:
+    """Write a PEFT-format LoRA state dict in kohya's format with diffusers' converter, with each module's
+    `.alpha` set to the trained lora_alpha (the converter writes the rank there, which loads at the wrong
+    strength when alpha != rank)."""
+    from diffusers.utils import convert_state_dict_to_kohya
+    from safetensors.torch import save_file
+
+    layers = {f"{prefix}.{k}": v.detach().float().cpu().contiguous() for k, v in peft_layers.items()}
+    kohya = convert_state_dict_to_kohya(layers)
+    alpha = float(peft_config.lora_alpha)
+    kohya = {k: (torch.tensor(alpha) if k.endswith(".alpha") else v) for k, v in kohya.items()}
+    meta = {"format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(peft_config.r),
+            "ss_network_alpha": str(alpha)}  # fmt: skip
+    save_file(kohya, str(path), metadata=meta)
+
+
 def export_final(trainer, metrics: dict) -> Path:
     """LoRA runs write `pytorch_lora_weights.safetensors` (loadable with `pipe.load_lora_weights(dir)`);
     full runs write a complete diffusers pipeline folder (for pixel-space models the same layout without a
@@ -91,8 +111,11 @@ def export_final(trainer, metrics: dict) -> Path:
         layers = {k: v.detach().float().contiguous().cpu() for k, v in layers.items()}
         # the adapter's LoraConfig (rank, lora_alpha, targets) travels in the file's metadata: without it
         # diffusers assumes alpha = rank and loads the adapter at rank / alpha of its trained strength
-        bb.save_lora(out, layers, metadata=unet.peft_config["default"].to_dict())
-        what = "LoRA adapter (diffusers format): `pipe.load_lora_weights(this_folder)`"
+        peft_config = unet.peft_config["default"]
+        bb.save_lora(out, layers, metadata=peft_config.to_dict())
+        save_kohya_lora(out / KOHYA_FILE, get_peft_model_state_dict(unet), bb.lora_prefix, peft_config)
+        what = (f"LoRA adapter in diffusers format (`pipe.load_lora_weights(this_folder)`) and in kohya format "
+                f"for AUTOMATIC1111 / ComfyUI ({KOHYA_FILE})")
     else:
         if unet.dtype != torch.float32:  # diffusers warns on any dtype cast, even a no-op one
             unet = unet.to(torch.float32)
