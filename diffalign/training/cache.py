@@ -45,7 +45,7 @@ def _caption_id(caption: str) -> str:
 def fingerprint(cfg, backbone, n_items: int) -> dict:
     d = cfg.data
     data = d.model_dump(mode="json")
-    for k in ("max_items",):  # a cache of more items serves a run that uses fewer
+    for k in ("max_items", "max_skip_fraction"):  # a cache of more items serves a run that uses fewer
         data.pop(k, None)
     return {"version": FORMAT_VERSION, "model": backbone.fingerprint(), "data": data, "seed": cfg.train.seed,
             "dtype": cfg.cache.dtype}
@@ -72,6 +72,10 @@ def build_cache(cfg, backbone=None, device: str | None = None, shard_items: int 
     if cfg.data.random_crop:
         raise ValueError("data.random_crop cannot be cached (the crop changes every epoch); set "
                          "data.random_crop=false or cache.enabled=false")
+    from diffalign.training.preflight import check_skip_share, probe_data
+
+    ds = build_preference_dataset(cfg.data, seed=cfg.train.seed)
+    probe_data(ds, cfg.data.max_skip_fraction)  # before the model loads
     mc = cfg.model
     backbone = backbone or load_backbone(mc.pretrained, mc.family, mc.revision, mc.variant, mc.vae, mc.prediction_type)
     from diffalign.config import weight_dtype
@@ -79,7 +83,6 @@ def build_cache(cfg, backbone=None, device: str | None = None, shard_items: int 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     backbone.place(device, weight_dtype(cfg.train.mixed_precision), mc.vae_fp32)
     dtype = _DTYPES[cfg.cache.dtype]
-    ds = build_preference_dataset(cfg.data, seed=cfg.train.seed)
     out = cache_dir_for(cfg)
     out.mkdir(parents=True, exist_ok=True)
     remove_temps(out)  # shards of a killed build
@@ -135,6 +138,7 @@ def build_cache(cfg, backbone=None, device: str | None = None, shard_items: int 
             n_in_shard = 0
     ds.force_flip = None
     flush()
+    check_skip_share(ds, len(ds) - len(items), len(ds), cfg.data.max_skip_fraction, "of the data")  # no index then
     index = {"fingerprint": fingerprint(cfg, backbone, len(ds)), "n_items": len(ds), "items": items,
              "captions": captions, "cond_keys": cond_keys, "skipped": len(ds) - len(items)}
     write_atomic(out / INDEX, json.dumps(index))
@@ -144,7 +148,7 @@ def build_cache(cfg, backbone=None, device: str | None = None, shard_items: int 
 class CachedPreferenceDataset(torch.utils.data.Dataset):
     """Items from a cache directory, shaped like PreferenceDataset items plus latent/cond tensors."""
 
-    def __init__(self, path: str | Path, backbone, cfg):
+    def __init__(self, path: str | Path, backbone, cfg, data=None):
         from diffalign.data import build_preference_dataset
 
         self.path = Path(path)
@@ -154,7 +158,7 @@ class CachedPreferenceDataset(torch.utils.data.Dataset):
         self.index = json.loads((self.path / INDEX).read_text())
         self.cfg = cfg
         # the light part of the dataset (captions order, phi, keys) comes from the real loader
-        self.data = build_preference_dataset(cfg.data, seed=cfg.train.seed)
+        self.data = data if data is not None else build_preference_dataset(cfg.data, seed=cfg.train.seed)
         want = fingerprint(cfg, backbone, len(self.data))
         diffs = _diff(self.index["fingerprint"], want)
         if diffs:

@@ -25,6 +25,7 @@ from diffalign.config import Config, dump_config, weight_dtype
 from diffalign.errors import UserError
 from diffalign.objectives import get_objective
 from diffalign.training import checkpoint as ckpt
+from diffalign.training import preflight
 from diffalign.training.experience import GeneratedSource, OfflineSource, stream_seed
 from diffalign.training.reference import make_reference
 
@@ -121,9 +122,15 @@ class Trainer:
 
     def _preflight(self, overwrite: bool) -> None:
         """What can be checked before any model is loaded."""
+        cfg = self.cfg
         for path in ckpt.check_new_run(self.out, self.resume, overwrite, delete=self.acc.is_main_process):
             self.acc.print(f"--overwrite: deleted {path}")
         self.acc.wait_for_everyone()
+        from diffalign.data import build_preference_dataset
+
+        self.data = build_preference_dataset(cfg.data, seed=cfg.train.seed)
+        if not cfg.cache.enabled:  # a cache's items were screened when it was built
+            preflight.probe_data(self.data, cfg.data.max_skip_fraction)
 
     # ---- setup ------------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -203,10 +210,8 @@ class Trainer:
         if self.cfg.cache.enabled:
             from diffalign.training.cache import CachedPreferenceDataset, cache_dir_for
 
-            return CachedPreferenceDataset(cache_dir_for(self.cfg), self.backbone, self.cfg)
-        from diffalign.data import build_preference_dataset
-
-        return build_preference_dataset(self.cfg.data, seed=self.cfg.train.seed)
+            return CachedPreferenceDataset(cache_dir_for(self.cfg), self.backbone, self.cfg, data=self.data)
+        return self.data
 
     def _optimizer(self):
         o = self.cfg.optim
@@ -330,33 +335,35 @@ class Trainer:
         window: dict[str, list[float]] = {}
         last: dict[str, float] = {}
         t0 = time.time()
-        while self.step < cfg.train.max_steps:
-            step_metrics, nonfinite = self._optimizer_step(batches)
-            if nonfinite:
-                self.counters["nonfinite_steps"] += 1
-                self.counters["consecutive_nonfinite"] += 1
-                if self.counters["consecutive_nonfinite"] >= cfg.train.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"{self.counters['consecutive_nonfinite']} consecutive steps had a non-finite loss or "
-                        f"gradient (at step {self.step}); lower the learning rate or beta, or check the data"
-                    )
-                continue
-            self.counters["consecutive_nonfinite"] = 0
-            self.step += 1
-            self.reference.on_step(self.step)
-            for k, v in step_metrics.items():
-                window.setdefault(k, []).append(v)
-            bar.update(1)
-            if self.step % cfg.logging.every == 0 or self.step == cfg.train.max_steps:
-                last = self._log(window, t0)
-                window = {}
-                bar.set_postfix({"loss": f"{last.get('loss', float('nan')):.4f}"}
-                                | ({"acc": f"{last['implicit_acc']:.2f}"} if "implicit_acc" in last else {}))
-            if cfg.validation.every and self.step % cfg.validation.every == 0:
-                self.validate()
-            if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.max_steps:
-                self.save_checkpoint()
-        bar.close()
+        try:
+            while self.step < cfg.train.max_steps:
+                step_metrics, nonfinite = self._optimizer_step(batches)
+                if nonfinite:
+                    self.counters["nonfinite_steps"] += 1
+                    self.counters["consecutive_nonfinite"] += 1
+                    if self.counters["consecutive_nonfinite"] >= cfg.train.max_nonfinite_steps:
+                        raise NonFiniteLossError(
+                            f"{self.counters['consecutive_nonfinite']} consecutive steps had a non-finite loss or "
+                            f"gradient (at step {self.step}); lower the learning rate or beta, or check the data"
+                        )
+                    continue
+                self.counters["consecutive_nonfinite"] = 0
+                self.step += 1
+                self.reference.on_step(self.step)
+                for k, v in step_metrics.items():
+                    window.setdefault(k, []).append(v)
+                bar.update(1)
+                if self.step % cfg.logging.every == 0 or self.step == cfg.train.max_steps:
+                    last = self._log(window, t0)
+                    window = {}
+                    bar.set_postfix({"loss": f"{last.get('loss', float('nan')):.4f}"}
+                                    | ({"acc": f"{last['implicit_acc']:.2f}"} if "implicit_acc" in last else {}))
+                if cfg.validation.every and self.step % cfg.validation.every == 0:
+                    self.validate()
+                if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.max_steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()  # an error message starts on its own line, not after the bar
         self.export(last)
         acc.end_training()
         return last
@@ -424,11 +431,25 @@ class Trainer:
         metrics = dict(zip(window, mean.tolist()))
         metrics |= {"step": self.step, "elapsed_s": round(time.time() - t0, 2)}
         metrics |= {k: v for k, v in self.counters.items() if k != "consecutive_nonfinite"}
+        self._check_skip_share()
         acc.log(metrics, step=self.step)
         if acc.is_main_process:
             with open(self.out / "logs" / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
         return metrics
+
+    def _check_skip_share(self) -> None:
+        """Stop when the share of skipped items read so far (all processes) passes data.max_skip_fraction;
+        from the moment the run has read as many items as the pre-flight probe decoded."""
+        acc = self.acc
+        counts = torch.tensor([self.counters["skipped_items"], self.micro * self.cfg.train.batch_size],
+                              device=acc.device, dtype=torch.float64)  # fmt: skip
+        if acc.num_processes > 1:
+            counts = acc.reduce(counts, reduction="sum")
+        skipped, read = (int(x) for x in counts.tolist())
+        if read >= min(preflight.PROBE_ITEMS, len(self.dataset)):
+            preflight.check_skip_share(self.dataset, skipped, read, self.cfg.data.max_skip_fraction,
+                                       f"read by step {self.step}", none_usable_is_error=False)  # fmt: skip
 
     # ---- checkpoints, validation, export -------------------------------------------------------------
     @contextmanager
