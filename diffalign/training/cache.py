@@ -22,8 +22,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from diffalign.atomic import atomic_path, remove_temps, write_atomic
+from diffalign.configio import ConfigError
 from diffalign.data.dataset import candidate_flips, item_draws
-from diffalign.errors import MissingFile, UserError, cli_entry
+from diffalign.errors import MissingFile, UserError, check_safetensors, cli_entry
 
 INDEX = "index.json"
 FORMAT_VERSION = 1
@@ -70,8 +71,8 @@ def build_cache(cfg, backbone=None, device: str | None = None, shard_items: int 
     from diffalign.data import build_preference_dataset
 
     if cfg.data.random_crop:
-        raise ValueError("data.random_crop cannot be cached (the crop changes every epoch); set "
-                         "data.random_crop=false or cache.enabled=false")
+        raise ConfigError("data.random_crop cannot be cached (the crop changes every epoch); set "
+                          "data.random_crop=false or cache.enabled=false")
     from diffalign.training.preflight import check_skip_share, probe_data
 
     ds = build_preference_dataset(cfg.data, seed=cfg.train.seed)
@@ -145,6 +146,23 @@ def build_cache(cfg, backbone=None, device: str | None = None, shard_items: int 
     return out
 
 
+def verify_cache(path: str | Path) -> dict:
+    """The cache's index, after checking that every shard it names is a complete safetensors file (a
+    truncated or missing shard is named); read before any model loads."""
+    path = Path(path)
+    fix = "rebuild it with `diffalign cache <config>` (or set cache.enabled=false)"
+    if not (path / INDEX).is_file():
+        raise MissingFile(f"no cache at {path}: run `diffalign cache <config>` first (or set cache.enabled=false)")
+    try:
+        index = json.loads((path / INDEX).read_text())
+        shards = sorted(set(index["items"].values()) | set(index["captions"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise UserError(f"{path / INDEX} is unreadable ({err}); {fix}") from None
+    for shard in shards:
+        check_safetensors(path / shard, fix)
+    return index
+
+
 class CachedPreferenceDataset(torch.utils.data.Dataset):
     """Items from a cache directory, shaped like PreferenceDataset items plus latent/cond tensors."""
 
@@ -152,10 +170,7 @@ class CachedPreferenceDataset(torch.utils.data.Dataset):
         from diffalign.data import build_preference_dataset
 
         self.path = Path(path)
-        if not (self.path / INDEX).is_file():
-            raise MissingFile(f"no cache at {self.path}: run `diffalign cache <config>` first "
-                              "(or set cache.enabled=false)")
-        self.index = json.loads((self.path / INDEX).read_text())
+        self.index = verify_cache(self.path)
         self.cfg = cfg
         # the light part of the dataset (captions order, phi, keys) comes from the real loader
         self.data = data if data is not None else build_preference_dataset(cfg.data, seed=cfg.train.seed)

@@ -83,6 +83,34 @@ def check_new_run(output_dir: str | Path, resume: str | None, overwrite: bool, d
     return removed
 
 
+def find_resume(output_dir: str | Path, resume: str | None, objective: dict, log=print) -> Path | None:
+    """The checkpoint `--resume` names, verified: None to start fresh (no --resume, or `latest` with no
+    checkpoint yet, which is said). A missing folder is a MissingFile error; a checkpoint trained under
+    another objective (or other objective parameters) is resumed with a warning."""
+    if resume is None:
+        return None
+    if resume != LATEST and not Path(resume).exists():
+        raise MissingFile(f"--resume {resume}: no such checkpoint folder; give --resume latest or a folder such "
+                          f"as {checkpoint_root(output_dir) / 'step-0000100'}")  # fmt: skip
+    path = resolve(output_dir, resume)
+    if path is None:
+        log(f"--resume latest: no checkpoint in {checkpoint_root(output_dir)} yet: starting fresh")
+        return None
+    before = read_state(path).get("objective")
+    if before is not None and before != objective:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "warning: %s was trained with objective %s; this run continues it with objective %s", path,
+            _describe_objective(before), _describe_objective(objective))  # fmt: skip
+    return path
+
+
+def _describe_objective(objective: dict) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in objective.items() if k != "name")
+    return f"{objective.get('name')} ({params})"
+
+
 def resolve(output_dir: str | Path, resume: str) -> Path | None:
     """`latest` -> the newest complete checkpoint (None if there is none yet); else a path. The folder is
     checked (verify) before anything in it is loaded."""

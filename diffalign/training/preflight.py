@@ -5,6 +5,7 @@ run-time checks of the same facts. Each failure is a UserError: one line naming 
 from __future__ import annotations
 
 from diffalign.data.sources import DataFormatError
+from diffalign.errors import require
 
 #: items decoded before any model loads; a run then checks its skip share once it has read as many
 PROBE_ITEMS = 32
@@ -39,3 +40,26 @@ def probe_data(ds, limit: float) -> None:
     skipped = sum(ds[i] is None for i in range(n))
     check_skip_share(ds, skipped, n, limit, "read before training" if n < len(ds) else "of the data")
 
+
+def check_extras(cfg) -> None:
+    """The optional packages the config switches on are installed (MissingExtra names the extra)."""
+    if cfg.logging.wandb:
+        require("wandb", "wandb", "logging.wandb=true")
+    if cfg.train.attention == "xformers":
+        require("xformers", "xformers", "train.attention=xformers")
+    if cfg.optim.optimizer == "adamw8bit":
+        require("bitsandbytes", "bnb", "optim.optimizer=adamw8bit")
+
+
+def check_model(mc) -> None:
+    """model.pretrained is a readable pipeline (its model_index.json: a local file, or the hub / its
+    cache), and a local model.vae exists; the weights are not read."""
+    from pathlib import Path
+
+    from diffalign.backbones.registry import read_model_index
+    from diffalign.errors import MissingFile
+
+    if not mc.pretrained.startswith(("tiny:", "random:")):
+        read_model_index(mc.pretrained, mc.revision)
+    if mc.vae and mc.vae.startswith(("/", ".", "~")) and not Path(mc.vae).expanduser().exists():
+        raise MissingFile(f"model.vae {mc.vae!r}: no such folder; give a VAE folder or hub id, or remove model.vae")

@@ -126,11 +126,21 @@ class Trainer:
         for path in ckpt.check_new_run(self.out, self.resume, overwrite, delete=self.acc.is_main_process):
             self.acc.print(f"--overwrite: deleted {path}")
         self.acc.wait_for_everyone()
+        self.resume_path = ckpt.find_resume(self.out, self.resume, self._objective_state(), log=self.acc.print)
+        preflight.check_extras(cfg)
+        preflight.check_model(cfg.model)
         from diffalign.data import build_preference_dataset
 
         self.data = build_preference_dataset(cfg.data, seed=cfg.train.seed)
-        if not cfg.cache.enabled:  # a cache's items were screened when it was built
+        if cfg.cache.enabled:  # a cache's items were screened when it was built
+            from diffalign.training.cache import cache_dir_for, verify_cache
+
+            verify_cache(cache_dir_for(cfg))
+        else:
             preflight.probe_data(self.data, cfg.data.max_skip_fraction)
+
+    def _objective_state(self) -> dict:
+        return {"name": self.objective.name, **self.objective_params}
 
     # ---- setup ------------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -140,11 +150,7 @@ class Trainer:
         unet = bb.denoiser
         unet.requires_grad_(False)
         bb.place(acc.device, self.weight_dtype, mc.vae_fp32)
-        if cfg.train.attention == "xformers":
-            try:
-                import xformers  # noqa: F401
-            except ImportError as err:
-                raise ImportError("train.attention=xformers needs xformers: pip install 'diffalign[xformers]'") from err
+        if cfg.train.attention == "xformers":  # installed: checked by preflight.check_extras
             unet.enable_xformers_memory_efficient_attention()
         if cfg.train.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
@@ -218,10 +224,9 @@ class Trainer:
         if o.optimizer == "adamw":
             return torch.optim.AdamW(self.params, lr=self.lr, betas=o.adam_betas, weight_decay=o.weight_decay, eps=o.adam_eps)
         if o.optimizer == "adamw8bit":
-            try:
-                import bitsandbytes as bnb
-            except ImportError as err:
-                raise ImportError("optim.optimizer=adamw8bit needs bitsandbytes: pip install 'diffalign[bnb]'") from err
+            from diffalign.errors import require
+
+            bnb = require("bitsandbytes", "bnb", "optim.optimizer=adamw8bit")
             return bnb.optim.AdamW8bit(self.params, lr=self.lr, betas=o.adam_betas, weight_decay=o.weight_decay, eps=o.adam_eps)
         from transformers.optimization import Adafactor
 
@@ -310,16 +315,15 @@ class Trainer:
 
     def train(self) -> dict:
         cfg, acc = self.cfg, self.acc
-        if self.resume:
-            path = ckpt.resolve(self.out, self.resume)
-            if path is not None:
-                acc.load_state(str(path))
-                if self.ema is not None:
-                    ckpt.load_ema(self.ema, path)
-                state = ckpt.read_state(path)
-                self.step, self.micro = state["step"], state["micro"]
-                self.counters.update(state["counters"])
-                acc.print(f"resumed from {path} at step {self.step}")
+        path = self.resume_path
+        if path is not None:
+            acc.load_state(str(path))
+            if self.ema is not None:
+                ckpt.load_ema(self.ema, path)
+            state = ckpt.read_state(path)
+            self.step, self.micro = state["step"], state["micro"]
+            self.counters.update(state["counters"])
+            acc.print(f"resumed from {path} at step {self.step}")
         self.reference.on_step(self.step)
         if acc.is_main_process:
             (self.out / "logs").mkdir(parents=True, exist_ok=True)
@@ -492,7 +496,8 @@ class Trainer:
             ckpt.save_ema(self.ema, tmp)
         self.acc.wait_for_everyone()  # every rank has written its files (RNG states) before the rename
         if self.acc.is_main_process:
-            state = {"step": self.step, "micro": self.micro, "counters": self.counters}
+            state = {"step": self.step, "micro": self.micro, "counters": self.counters,
+                     "objective": self._objective_state()}  # fmt: skip
             ckpt.finalize(tmp, final, state, self.cfg.checkpoint.keep)
         self.acc.wait_for_everyone()
         self.reference.on_checkpoint(final, self.step)
