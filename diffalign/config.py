@@ -150,6 +150,17 @@ class ValidationConfig(_Section):
     resolution: int | None = None  # None: data.resolution
 
 
+class HubConfig(_Section):
+    """`--push-to-hub`: each checkpoint goes to the repo's last-checkpoint/ folder, the final export (with
+    its model card) to the repo's root."""
+
+    push: bool = False
+    #: the repo, "name" (under your account) or "org/name"; None: the output folder's name
+    model_id: str | None = None
+    #: None: the hub's default visibility for your account
+    private: bool | None = None
+
+
 class CacheConfig(_Section):
     #: read VAE latents and text conditioning from a `diffalign cache` directory instead of encoding each step
     enabled: bool = False
@@ -191,6 +202,7 @@ class Config(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     validation: ValidationConfig = ValidationConfig()
     cache: CacheConfig = CacheConfig()
+    hub: HubConfig = HubConfig()
     experience: ExperienceConfig = ExperienceConfig()
     output_dir: str = "runs/default"
 

@@ -15,6 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted overrides, anywhere on the line: train.max_steps=100 objective.beta=2500")
     p.add_argument("--output-dir", help="where logs, checkpoints and the export go (overrides output_dir)")
     p.add_argument("--resume", help="'latest' or a checkpoint folder; 'latest' starts fresh if none exists")
+    p.add_argument("--push-to-hub", action="store_true",
+                   help="upload each checkpoint and the final export with its model card to the hub (hub.push)")
+    p.add_argument("--hub-model-id", help="the hub repo, name or org/name (hub.model_id; default: the output folder's name)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete the checkpoints, export, logs and validation images a run left in the output dir")  # fmt: skip
 
@@ -23,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_cli(p, argv)
     overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
+    overrides += (["hub.push=true"] if args.push_to_hub else []) + ([f"hub.model_id={args.hub_model_id}"] if args.hub_model_id else [])
     cfg = load_config(args.config, overrides)
     from diffalign.training.trainer import Trainer
 

@@ -34,6 +34,15 @@ class NonFiniteLossError(UserError, RuntimeError):
     """Training diverged: non-finite losses or gradients, or weights that blew up."""
 
 
+#: metrics.jsonl keys that are counters (trackers show them under counters/, the rest under train/)
+_COUNTERS = ("skipped_items", "nonfinite_steps", "scaler_skipped_steps")
+
+
+def _tracker_tag(key: str) -> str:
+    """A metrics.jsonl key as a grouped tracker tag: train/loss, counters/skipped_items, time/elapsed_s."""
+    return f"counters/{key}" if key in _COUNTERS else "time/elapsed_s" if key == "elapsed_s" else f"train/{key}"
+
+
 class GlobalBatchSampler:
     """Yields this process's slice of global batches, from micro-step `start` on, forever (epochs loop).
 
@@ -138,6 +147,10 @@ class Trainer:
             verify_cache(cache_dir_for(cfg))
         else:
             preflight.probe_data(self.data, cfg.data.max_skip_fraction)
+        if cfg.hub.push and self.acc.is_main_process:  # login and repo problems surface now, not after training
+            from diffalign.training.export import hub_repo
+
+            hub_repo(self)
 
     def _objective_state(self) -> dict:
         return {"name": self.objective.name, **self.objective_params}
@@ -328,7 +341,7 @@ class Trainer:
         if acc.is_main_process:
             (self.out / "logs").mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(dump_config(cfg))
-        acc.init_trackers("diffalign")
+        acc.init_trackers("diffalign", config=self._tracker_config())
         acc.print(self.summary())
 
         from tqdm.auto import tqdm
@@ -436,11 +449,31 @@ class Trainer:
         metrics |= {"step": self.step, "elapsed_s": round(time.time() - t0, 2)}
         metrics |= {k: v for k, v in self.counters.items() if k != "consecutive_nonfinite"}
         self._check_skip_share()
-        acc.log(metrics, step=self.step)
+        acc.log({_tracker_tag(k): v for k, v in metrics.items() if k != "step"}, step=self.step)
         if acc.is_main_process:
             with open(self.out / "logs" / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
         return metrics
+
+    def _tracker_config(self) -> dict:
+        """The resolved config (defaults included) flattened to `section.key` scalars, plus what the run
+        derived from it, for the trackers' hyper-parameter views."""
+        import diffalign
+
+        flat: dict = {}
+
+        def walk(prefix: str, node) -> None:
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    walk(f"{prefix}{k}.", v)
+            else:
+                flat[prefix[:-1]] = node if isinstance(node, (bool, int, float, str)) else json.dumps(node)
+
+        walk("", self.cfg.model_dump(mode="json"))
+        flat |= {"run.processes": self.acc.num_processes, "run.effective_batch": self.global_batch * self.cfg.train.grad_accum,
+                 "run.lr": self.lr, "run.trainable_parameters": sum(p.numel() for p in self.params),
+                 "run.diffalign_version": diffalign.__version__}  # fmt: skip
+        return flat
 
     def _check_skip_share(self) -> None:
         """Stop when the share of skipped items read so far (all processes) passes data.max_skip_fraction;
@@ -499,6 +532,10 @@ class Trainer:
             state = {"step": self.step, "micro": self.micro, "counters": self.counters,
                      "objective": self._objective_state()}  # fmt: skip
             ckpt.finalize(tmp, final, state, self.cfg.checkpoint.keep)
+            if self.cfg.hub.push:
+                from diffalign.training.export import push_folder
+
+                push_folder(self, final, "last-checkpoint", f"checkpoint at step {self.step}")
         self.acc.wait_for_everyone()
         self.reference.on_checkpoint(final, self.step)
         return final
