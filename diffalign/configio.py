@@ -36,13 +36,15 @@ def read_tree(source: str | Path | dict) -> dict:
     """The config as plain nested dicts / lists: a copy of a dict, or a YAML file's mapping."""
     if isinstance(source, dict):
         return copy.deepcopy(source)
+    from diffalign.data.sources import read_utf8_text
+
     path = Path(source)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} not found")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
+    try:  # safe_load: a tag naming Python code (!!python/object...) is an error, never run
+        tree = yaml.safe_load(read_utf8_text(path, error=ConfigError)) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level of a config must be a mapping")
     return tree
@@ -105,7 +107,8 @@ def load(model: type[M], source: str | Path | dict, overrides: list[str] | None 
     try:
         return model.model_validate(tree)
     except pydantic.ValidationError as err:
-        raise ConfigError(format_validation_error(err, model, what)) from None
+        where = "" if isinstance(source, dict) else f"{source}: "
+        raise ConfigError(where + format_validation_error(err, model, what)) from None
 
 
 # ---- readable errors ------------------------------------------------------------------------------
@@ -185,4 +188,8 @@ def _describe(e: dict, model: type[pydantic.BaseModel]) -> str:
 
 
 def format_validation_error(err: pydantic.ValidationError, model: type[pydantic.BaseModel], what: str = "config") -> str:
-    return f"invalid {what}:\n" + "\n".join(f"- {_describe(e, model)}" for e in err.errors())
+    """One problem: one line; several: one line each under a header."""
+    problems = [_describe(e, model) for e in err.errors()]
+    if len(problems) == 1:
+        return f"invalid {what}: {problems[0]}"
+    return f"invalid {what}:\n" + "\n".join(f"- {p}" for p in problems)

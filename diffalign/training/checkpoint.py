@@ -143,6 +143,22 @@ def verify(path: Path) -> None:
             check_safetensors(f, fix)
         elif f.suffix in (".bin", ".pt", ".pkl"):
             check_torch_archive(f, fix)
+            check_loadable_globals(f, fix)
+
+
+def check_loadable_globals(path: Path, fix: str) -> None:
+    """A torch archive accelerate will load with weights_only=True must name no other Python callables
+    than the weights-only unpickler's and accelerate's allow-list (numpy arrays and dtypes for the RNG
+    states): read from its pickle without running it, so a planted file is named here instead of failing
+    (or, for the RNG states, being skipped silently) inside accelerate."""
+    import torch
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in TORCH_SAFE_GLOBALS}
+    unsafe = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))) - allowed)
+    if unsafe:
+        raise UserError(f"{path} would call {', '.join(unsafe[:3])} when loaded, which the weights-only loader "
+                        f"refuses (not written by diffalign or accelerate, or tampered with); {fix}")  # fmt: skip
 
 
 def read_state(path: Path) -> dict:
