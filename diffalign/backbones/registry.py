@@ -37,10 +37,14 @@ def family_for_class(class_name: str) -> Family | None:
 
 def read_model_index(pretrained: str, revision: str | None = None) -> dict:
     """model_index.json of a local folder or hub id; a ModelNotFound line saying what to do otherwise."""
+    import warnings
+
     from diffusers import DiffusionPipeline
 
     try:
-        return DiffusionPipeline.load_config(pretrained, revision=revision)
+        with warnings.catch_warnings():  # diffusers passes hf_hub_download an argument it deprecated
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
+            return DiffusionPipeline.load_config(pretrained, revision=revision)
     except Exception as err:  # one clear line instead of a hub traceback
         raise ModelNotFound(_not_found(pretrained, err)) from err
 

@@ -122,7 +122,8 @@ def resolve(output_dir: str | Path, resume: str) -> Path | None:
     else:
         path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        raise MissingFile(f"{path} is not a complete diffalign checkpoint (no {STATE_FILE})")
+        raise MissingFile(f"{path} is not a complete diffalign checkpoint (no {STATE_FILE}); resume from a complete one "
+                          "(--resume latest takes the newest) or start over without --resume")  # fmt: skip
     verify(path)
     return path
 
