@@ -135,3 +135,12 @@ def test_full_export_keeps_the_base_models_own_scheduler(tmp_path, family, sched
     bb.save_pretrained(tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())
     assert saved["_class_name"] == scheduler
+
+
+def test_config_knows_every_registered_family():
+    import typing
+
+    from diffalign.backbones import families
+    from diffalign.config import ModelConfig
+
+    assert set(typing.get_args(ModelConfig.model_fields["family"].annotation)) == {"auto", *families()}
