@@ -138,6 +138,10 @@ class TrainSection(_Section):
     pool: PoolConfig = PoolConfig()
     #: stop after this many consecutive steps skipped for a non-finite loss or gradient
     max_nonfinite_steps: int = pydantic.Field(5, ge=1)
+    #: stop when an update leaves a trainable weight non-finite or larger in magnitude than this (the loss
+    #: of that step was finite, so the loss guard cannot see it); such weights are never checkpointed.
+    #: 65504 is float16's largest value: a weight beyond it cannot run in fp16. None: only non-finite
+    max_weight_abs: float | None = pydantic.Field(65504.0, gt=0)
     num_workers: int = pydantic.Field(0, ge=0)
     #: exponential moving average of the trainable weights (diffusers' EMAModel: per-step decay
     #: min(ema_decay, (1 + n) / (10 + n))); validation images and the export use the EMA weights. 0 = off
@@ -173,6 +177,17 @@ class ValidationConfig(_Section):
     steps: int = 25
     guidance: float = 7.5
     resolution: int | None = None  # None: data.resolution
+
+
+class HubConfig(_Section):
+    """`--push-to-hub`: each checkpoint goes to the repo's last-checkpoint/ folder, the final export (with
+    its model card) to the repo's root."""
+
+    push: bool = False
+    #: the repo, "name" (under your account) or "org/name"; None: the output folder's name
+    model_id: str | None = None
+    #: None: the hub's default visibility for your account
+    private: bool | None = None
 
 
 class CacheConfig(_Section):
@@ -216,6 +231,7 @@ class Config(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     validation: ValidationConfig = ValidationConfig()
     cache: CacheConfig = CacheConfig()
+    hub: HubConfig = HubConfig()
     experience: ExperienceConfig = ExperienceConfig()
     output_dir: str = "runs/default"
 

@@ -39,6 +39,10 @@ class DataConfig(pydantic.BaseModel, extra="forbid"):
     #: An image whose shorter side is below this is skipped (counted as "too_small"). None: max(8, resolution // 8),
     #: i.e. refuse to upscale more than 8x. 1x1 images are always skipped.
     min_image_side: int | None = pydantic.Field(None, ge=1)
+    #: A run stops (naming the counts) when more than this share of the items it reads are skipped
+    #: (undecodable, missing or too small images...): checked on the first items before any model loads,
+    #: then on everything read so far at each log step; `diffalign cache` checks it over the whole data.
+    max_skip_fraction: float = pydantic.Field(0.2, ge=0.0, le=1.0)
     #: Column renames, role -> name in the source, e.g. {"caption": "text"}. Roles: COLUMN_ROLES.
     columns: dict[str, str] = {}
     caption_column: str | None = None  # shorthand for columns={"caption": ...} (or "prompt" for ranked)

@@ -217,6 +217,8 @@ def json_source(cfg: DataConfig) -> RowSource:
     if not os.path.isfile(path):
         raise DataFormatError(f"{cfg.format} source {path!r} is not a file")
     raw = read_json_rows(path)
+    if not raw:
+        raise DataFormatError(f"{cfg.format} source {path} holds no rows (empty, or blank lines only)")
     base = os.path.dirname(os.path.abspath(path))
     rows: list[dict[str, Any]] = []
     kind = None

@@ -48,8 +48,10 @@ def final_metrics(train_dir: str | Path) -> dict:
     return json.loads(lines[-1]) if lines else {}
 
 
-def run_demo(recipe: DemoRecipe, out: str | Path = DEFAULT_OUT, progress: bool = True, log=print) -> dict:
-    """Run every stage into `out`; returns the results (also written to OUT/results.json)."""
+def run_demo(recipe: DemoRecipe, out: str | Path = DEFAULT_OUT, progress: bool = True, log=print,
+             quick: bool = False) -> dict:  # fmt: skip
+    """Run every stage into `out`; returns the results (also written to OUT/results.json). `quick`: the
+    recipe is the --quick smoke run, which the results and the page say."""
     from diffalign.evaluation.cli import build_scorers
     from diffalign.evaluation.generation import PixelGenerator
     from diffalign.evaluation.runner import ModelRun, run_eval
@@ -121,6 +123,7 @@ def run_demo(recipe: DemoRecipe, out: str | Path = DEFAULT_OUT, progress: bool =
     results["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     results["seconds"]["total"] = round(time.time() - t0, 1)
     results["out"] = str(out)
+    results["quick"] = quick
     table = results_markdown(results)
     (out / "results.md").write_text(table)
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -174,11 +177,21 @@ def _p(v) -> str:
     return "-" if v is None else (f"{v:.1e}" if v < 1e-3 else f"{v:.3f}")
 
 
+QUICK_NOTE = ("This is a `diffalign demo --quick` smoke run: a tiny model trained for a few steps, to check that "
+              "every stage works. Its numbers mean nothing; run `diffalign demo` for the comparison.")  # fmt: skip
+
+
+def quick_note(results: dict) -> str:
+    """The warning a --quick run's table and page carry ("" for a full run)."""
+    return QUICK_NOTE if results.get("quick") else ""
+
+
 def results_markdown(results: dict) -> str:
     base = results["models"]["base"]["scores"][CORRECT]["mean"]
     head = ["model"] + [h for _, h in COLUMNS] + ["Δ accuracy", "better / worse images", "McNemar p vs base",
                                                   "drift_w", "drift_l"]  # fmt: skip
-    lines = [f"Toy world, {results['prompts']} prompts x {results['images_per_prompt']} images, the same seeds for "
+    lines = [f"**{quick_note(results)}**", ""] if quick_note(results) else []
+    lines += [f"Toy world, {results['prompts']} prompts x {results['images_per_prompt']} images, the same seeds for "
              "every model (mean ± standard error).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
     for name, m in results["models"].items():
@@ -326,7 +339,7 @@ def _md_table_to_html(md: str) -> str:
         tag = "th" if i == 0 else "td"
         out.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>")
     out.append("</table>")
-    notes = [ln for ln in md.splitlines() if ln and not ln.startswith("|")]
+    notes = [ln for ln in md.splitlines() if ln and not ln.startswith("|") and QUICK_NOTE not in ln]  # a banner
     return "\n".join(out) + "".join(f"<p>{html.escape(n)}</p>" for n in notes)
 
 
@@ -338,6 +351,7 @@ def write_html(results: dict, table_md: str, path: Path) -> Path:
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 7px;font-size:13px}}img{{image-rendering:pixelated}}</style></head><body>
 <h1>diffalign demo: preference alignment in the toy world</h1>
+{f"<p style='border:2px solid #c00;padding:6px'><b>{html.escape(quick_note(results))}</b></p>" if quick_note(results) else ""}
 <p>A tiny pixel-space text-to-image model (the <b>base</b>) was trained on rendered shapes whose captions were
 deliberately corrupted, so it follows prompts like "a red circle" only part of the time. It then generated
 its own preference data (toy Syn-Pic: {results['recipe']['k']} samples per prompt group, ranked by a programmatic
@@ -378,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
 
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()
-    results = run_demo(recipe, args.out, progress=not args.no_progress)
+    results = run_demo(recipe, args.out, progress=not args.no_progress, quick=args.quick)
     out = Path(args.out)
     print()
     print((out / "results.md").read_text())

@@ -22,14 +22,25 @@ from torch.utils.data import DataLoader
 
 from diffalign.backbones import load_backbone
 from diffalign.config import Config, dump_config, weight_dtype
+from diffalign.errors import UserError
 from diffalign.objectives import get_objective
 from diffalign.training import checkpoint as ckpt
-from diffalign.training.experience import GeneratedSource, OfflineSource
+from diffalign.training import preflight
+from diffalign.training.experience import GeneratedSource, OfflineSource, stream_seed
 from diffalign.training.reference import make_reference
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(UserError, RuntimeError):
+    """Training diverged: non-finite losses or gradients, or weights that blew up."""
+
+
+#: metrics.jsonl keys that are counters (trackers show them under counters/, the rest under train/)
+_COUNTERS = ("skipped_items", "nonfinite_steps", "scaler_skipped_steps")
+
+
+def _tracker_tag(key: str) -> str:
+    """A metrics.jsonl key as a grouped tracker tag: train/loss, counters/skipped_items, time/elapsed_s."""
+    return f"counters/{key}" if key in _COUNTERS else "time/elapsed_s" if key == "elapsed_s" else f"train/{key}"
 
 
 class GlobalBatchSampler:
@@ -101,7 +112,7 @@ class Trainer:
     """`Trainer(cfg).train()`. Pass `accelerator` to run inside one you built (its mixed precision must
     match train.mixed_precision); by default one is made from the config."""
 
-    def __init__(self, cfg: Config, resume: str | None = None, accelerator=None):
+    def __init__(self, cfg: Config, resume: str | None = None, accelerator=None, overwrite: bool = False):
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.acc = accelerator if accelerator is not None else make_accelerator(cfg)
@@ -115,7 +126,34 @@ class Trainer:
         self.micro = 0  # micro-batches consumed (the data position)
         self.counters = {"skipped_items": 0, "nonfinite_steps": 0, "consecutive_nonfinite": 0}
         self.resume = resume
+        self._preflight(overwrite)
         self._build()
+
+    def _preflight(self, overwrite: bool) -> None:
+        """What can be checked before any model is loaded."""
+        cfg = self.cfg
+        for path in ckpt.check_new_run(self.out, self.resume, overwrite, delete=self.acc.is_main_process):
+            self.acc.print(f"--overwrite: deleted {path}")
+        self.acc.wait_for_everyone()
+        self.resume_path = ckpt.find_resume(self.out, self.resume, self._objective_state(), log=self.acc.print)
+        preflight.check_extras(cfg)
+        preflight.check_model(cfg.model)
+        from diffalign.data import build_preference_dataset
+
+        self.data = build_preference_dataset(cfg.data, seed=cfg.train.seed)
+        if cfg.cache.enabled:  # a cache's items were screened when it was built
+            from diffalign.training.cache import cache_dir_for, verify_cache
+
+            verify_cache(cache_dir_for(cfg))
+        else:
+            preflight.probe_data(self.data, cfg.data.max_skip_fraction)
+        if cfg.hub.push and self.acc.is_main_process:  # login and repo problems surface now, not after training
+            from diffalign.training.export import hub_repo
+
+            hub_repo(self)
+
+    def _objective_state(self) -> dict:
+        return {"name": self.objective.name, **self.objective_params}
 
     # ---- setup ------------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -126,11 +164,7 @@ class Trainer:
         unet.requires_grad_(False)
         bb.place(acc.device, self.weight_dtype, mc.vae_fp32)
         self.speed = self._kernels_and_layout(unet)
-        if cfg.train.attention == "xformers":
-            try:
-                import xformers  # noqa: F401
-            except ImportError as err:
-                raise ImportError("train.attention=xformers needs xformers: pip install 'diffalign[xformers]'") from err
+        if cfg.train.attention == "xformers":  # installed: checked by preflight.check_extras
             unet.enable_xformers_memory_efficient_attention()
         if cfg.train.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
@@ -184,8 +218,9 @@ class Trainer:
         if cfg.train.ema_decay:
             from diffusers.training_utils import EMAModel
 
+            # saved and resumed by diffalign as safetensors + JSON (checkpoint.save_ema), not through
+            # accelerate's register_for_checkpointing, which unpickles its files with weights_only=False
             self.ema = EMAModel(self.params, decay=cfg.train.ema_decay)
-            acc.register_for_checkpointing(self.ema)  # saved and resumed with the checkpoint
 
     def _kernels_and_layout(self, unet) -> str:
         """train.kernels (the backbone fuses its blocks; energies use the fused kernel) and
@@ -234,20 +269,17 @@ class Trainer:
         if self.cfg.cache.enabled:
             from diffalign.training.cache import CachedPreferenceDataset, cache_dir_for
 
-            return CachedPreferenceDataset(cache_dir_for(self.cfg), self.backbone, self.cfg)
-        from diffalign.data import build_preference_dataset
-
-        return build_preference_dataset(self.cfg.data, seed=self.cfg.train.seed)
+            return CachedPreferenceDataset(cache_dir_for(self.cfg), self.backbone, self.cfg, data=self.data)
+        return self.data
 
     def _optimizer(self):
         o = self.cfg.optim
         if o.optimizer == "adamw":
             return torch.optim.AdamW(self.params, lr=self.lr, betas=o.adam_betas, weight_decay=o.weight_decay, eps=o.adam_eps)
         if o.optimizer == "adamw8bit":
-            try:
-                import bitsandbytes as bnb
-            except ImportError as err:
-                raise ImportError("optim.optimizer=adamw8bit needs bitsandbytes: pip install 'diffalign[bnb]'") from err
+            from diffalign.errors import require
+
+            bnb = require("bitsandbytes", "bnb", "optim.optimizer=adamw8bit")
             return bnb.optim.AdamW8bit(self.params, lr=self.lr, betas=o.adam_betas, weight_decay=o.weight_decay, eps=o.adam_eps)
         from transformers.optimization import Adafactor
 
@@ -337,18 +369,19 @@ class Trainer:
 
     def train(self) -> dict:
         cfg, acc = self.cfg, self.acc
-        if self.resume:
-            path = ckpt.resolve(self.out, self.resume)
-            if path is not None:
-                acc.load_state(str(path))
-                state = ckpt.read_state(path)
-                self.step, self.micro = state["step"], state["micro"]
-                self.counters.update(state["counters"])
-                acc.print(f"resumed from {path} at step {self.step}")
+        path = self.resume_path
+        if path is not None:
+            acc.load_state(str(path))
+            if self.ema is not None:
+                ckpt.load_ema(self.ema, path)
+            state = ckpt.read_state(path)
+            self.step, self.micro = state["step"], state["micro"]
+            self.counters.update(state["counters"])
+            acc.print(f"resumed from {path} at step {self.step}")
         if acc.is_main_process:
             (self.out / "logs").mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(dump_config(cfg))
-        acc.init_trackers("diffalign")
+        acc.init_trackers("diffalign", config=self._tracker_config())
         acc.print(self.summary())  # before the reference loads a checkpoint pool: its adapters are no parameters of ours
         self.reference.on_step(self.step)
 
@@ -360,33 +393,35 @@ class Trainer:
         window: dict[str, list[float]] = {}
         last: dict[str, float] = {}
         t0 = time.time()
-        while self.step < cfg.train.max_steps:
-            step_metrics, nonfinite = self._optimizer_step(batches)
-            if nonfinite:
-                self.counters["nonfinite_steps"] += 1
-                self.counters["consecutive_nonfinite"] += 1
-                if self.counters["consecutive_nonfinite"] >= cfg.train.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"{self.counters['consecutive_nonfinite']} consecutive steps had a non-finite loss or "
-                        f"gradient (at step {self.step}); lower the learning rate or beta, or check the data"
-                    )
-                continue
-            self.counters["consecutive_nonfinite"] = 0
-            self.step += 1
-            self.reference.on_step(self.step)
-            for k, v in step_metrics.items():
-                window.setdefault(k, []).append(v)
-            bar.update(1)
-            if self.step % cfg.logging.every == 0 or self.step == cfg.train.max_steps:
-                last = self._log(window, t0)
-                window = {}
-                bar.set_postfix({"loss": f"{last.get('loss', float('nan')):.4f}"}
-                                | ({"acc": f"{last['implicit_acc']:.2f}"} if "implicit_acc" in last else {}))
-            if cfg.validation.every and self.step % cfg.validation.every == 0:
-                self.validate()
-            if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.max_steps:
-                self.save_checkpoint()
-        bar.close()
+        try:
+            while self.step < cfg.train.max_steps:
+                step_metrics, nonfinite = self._optimizer_step(batches)
+                if nonfinite:
+                    self.counters["nonfinite_steps"] += 1
+                    self.counters["consecutive_nonfinite"] += 1
+                    if self.counters["consecutive_nonfinite"] >= cfg.train.max_nonfinite_steps:
+                        raise NonFiniteLossError(
+                            f"{self.counters['consecutive_nonfinite']} consecutive steps had a non-finite loss or "
+                            f"gradient (at step {self.step}); lower the learning rate or beta, or check the data"
+                        )
+                    continue
+                self.counters["consecutive_nonfinite"] = 0
+                self.step += 1
+                self.reference.on_step(self.step)
+                for k, v in step_metrics.items():
+                    window.setdefault(k, []).append(v)
+                bar.update(1)
+                if self.step % cfg.logging.every == 0 or self.step == cfg.train.max_steps:
+                    last = self._log(window, t0)
+                    window = {}
+                    bar.set_postfix({"loss": f"{last.get('loss', float('nan')):.4f}"}
+                                    | ({"acc": f"{last['implicit_acc']:.2f}"} if "implicit_acc" in last else {}))
+                if cfg.validation.every and self.step % cfg.validation.every == 0:
+                    self.validate()
+                if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.max_steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()  # an error message starts on its own line, not after the bar
         self.export(last)
         acc.end_training()
         return last
@@ -403,7 +438,7 @@ class Trainer:
             if batch is None or batch.get("skipped"):
                 self.counters["skipped_items"] += (batch or {}).get("skipped", cfg.train.batch_size)
             sync = acc.no_sync(self.unet) if i < accum - 1 and acc.num_processes > 1 else nullcontext()
-            with sync:
+            with sync, self._keyed_global_rng(micro):
                 if batch is not None:
                     loss, metrics = self.compute_loss(self._to_device(batch), micro)
                     ok = torch.isfinite(loss.detach()).float()
@@ -423,6 +458,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             return sums, True
         self.optimizer.step()  # under fp16 the grad scaler skips an overflowing step and lowers its scale
+        self._check_weights(f"the update of step {self.step + 1}")
         self.scheduler.step()
         if self.ema is not None:
             self.ema.step(self.params)
@@ -434,6 +470,18 @@ class Trainer:
         sums["lr"] = self.scheduler.get_last_lr()[0]
         return sums, False
 
+    @contextmanager
+    def _keyed_global_rng(self, micro: int):
+        """Inside a micro-batch, torch's global RNG (LoRA dropout draws from it) is seeded from (seed,
+        micro-step, process) and restored after. Left to run on, it would not survive a resume: the RNG
+        states accelerate restores are those of the checkpoint, but starting a DataLoader iterator draws
+        its base seed from the global stream, one draw a resumed run makes at another point."""
+        acc = self.acc
+        devices = [acc.device] if acc.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(stream_seed(self.cfg.train.seed, "torchrng", micro * acc.num_processes + acc.process_index))
+            yield
+
     def _log(self, window: dict[str, list[float]], t0: float) -> dict[str, float]:
         acc = self.acc
         local = torch.tensor([sum(v) / len(v) for v in window.values()], device=acc.device, dtype=torch.float64)
@@ -441,11 +489,45 @@ class Trainer:
         metrics = dict(zip(window, mean.tolist()))
         metrics |= {"step": self.step, "elapsed_s": round(time.time() - t0, 2)}
         metrics |= {k: v for k, v in self.counters.items() if k != "consecutive_nonfinite"}
-        acc.log(metrics, step=self.step)
+        self._check_skip_share()
+        acc.log({_tracker_tag(k): v for k, v in metrics.items() if k != "step"}, step=self.step)
         if acc.is_main_process:
             with open(self.out / "logs" / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
         return metrics
+
+    def _tracker_config(self) -> dict:
+        """The resolved config (defaults included) flattened to `section.key` scalars, plus what the run
+        derived from it, for the trackers' hyper-parameter views."""
+        import diffalign
+
+        flat: dict = {}
+
+        def walk(prefix: str, node) -> None:
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    walk(f"{prefix}{k}.", v)
+            else:
+                flat[prefix[:-1]] = node if isinstance(node, (bool, int, float, str)) else json.dumps(node)
+
+        walk("", self.cfg.model_dump(mode="json"))
+        flat |= {"run.processes": self.acc.num_processes, "run.effective_batch": self.global_batch * self.cfg.train.grad_accum,
+                 "run.lr": self.lr, "run.trainable_parameters": sum(p.numel() for p in self.params),
+                 "run.diffalign_version": diffalign.__version__}  # fmt: skip
+        return flat
+
+    def _check_skip_share(self) -> None:
+        """Stop when the share of skipped items read so far (all processes) passes data.max_skip_fraction;
+        from the moment the run has read as many items as the pre-flight probe decoded."""
+        acc = self.acc
+        counts = torch.tensor([self.counters["skipped_items"], self.micro * self.cfg.train.batch_size],
+                              device=acc.device, dtype=torch.float64)  # fmt: skip
+        if acc.num_processes > 1:
+            counts = acc.reduce(counts, reduction="sum")
+        skipped, read = (int(x) for x in counts.tolist())
+        if read >= min(preflight.PROBE_ITEMS, len(self.dataset)):
+            preflight.check_skip_share(self.dataset, skipped, read, self.cfg.data.max_skip_fraction,
+                                       f"read by step {self.step}", none_usable_is_error=False)  # fmt: skip
 
     # ---- checkpoints, validation, export -------------------------------------------------------------
     @contextmanager
@@ -461,15 +543,40 @@ class Trainer:
         finally:
             self.ema.restore(self.params)
 
+    def _check_weights(self, what: str) -> None:
+        """Raise NonFiniteLossError if a trainable weight is non-finite or above train.max_weight_abs."""
+        limit = self.cfg.train.max_weight_abs
+        peaks = torch.stack(torch._foreach_norm([p.detach() for p in self.params], math.inf))
+        peak = peaks.max().item()
+        if math.isfinite(peak) and (limit is None or peak <= limit):
+            return
+        bad = int(torch.nan_to_num(peaks, nan=math.inf).argmax())
+        name = [n for n, p in self.acc.unwrap_model(self.unet).named_parameters() if p.requires_grad][bad]
+        pointer = ckpt.checkpoint_root(self.out) / ckpt.LATEST
+        last = pointer.read_text().strip() if pointer.is_file() else "none"
+        raise NonFiniteLossError(
+            f"{what} left weight {name} at |w| = {peak:.3g} (train.max_weight_abs={limit}); the run stops "
+            f"without saving it. The last checkpoint ({last}) holds the weights from before: lower optim.lr or "
+            "the objective's beta, or clip harder (optim.max_grad_norm)"
+        )
+
     def save_checkpoint(self) -> Path:
+        self._check_weights(f"step {self.step}")  # never checkpoint weights that blew up
         root = ckpt.checkpoint_root(self.out)
         final = root / f"step-{self.step:07d}"
         tmp = root / f"step-{self.step:07d}.tmp"
         self.acc.save_state(str(tmp))
+        if self.ema is not None and self.acc.is_main_process:
+            ckpt.save_ema(self.ema, tmp)
         self.acc.wait_for_everyone()  # every rank has written its files (RNG states) before the rename
         if self.acc.is_main_process:
-            state = {"step": self.step, "micro": self.micro, "counters": self.counters}
+            state = {"step": self.step, "micro": self.micro, "counters": self.counters,
+                     "objective": self._objective_state()}  # fmt: skip
             ckpt.finalize(tmp, final, state, self.cfg.checkpoint.keep)
+            if self.cfg.hub.push:
+                from diffalign.training.export import push_folder
+
+                push_folder(self, final, "last-checkpoint", f"checkpoint at step {self.step}")
         self.acc.wait_for_everyone()
         self.reference.on_checkpoint(final, self.step)
         return final
