@@ -6,7 +6,7 @@ Built-in scorers (each module imports torch-heavy libraries lazily, inside funct
 """
 
 # Imported for their @register_scorer side effect.
-from diffalign.rewards import clipscore, hps, imagereward, pickscore  # noqa: E402, F401, I001
+from diffalign.rewards import clipscore, hps, imagereward, pickscore, spm  # noqa: E402, F401, I001
 from diffalign.rewards.base import Scorer, available_scorers, create_scorer, register_lazy_scorer, register_scorer
 
 #: Scorers defined above this package (the toy world uses the rewards, not the other way round): name ->
