@@ -14,6 +14,8 @@ from PIL import Image
 from diffalign.rewards import create_scorer
 from diffalign.rewards.spm import as_step_scorer, build_spm_model
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def scorers():
