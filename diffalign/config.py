@@ -121,6 +121,9 @@ class TrainSection(_Section):
     #: stop after this many consecutive steps skipped for a non-finite loss or gradient
     max_nonfinite_steps: int = pydantic.Field(5, ge=1)
     num_workers: int = pydantic.Field(0, ge=0)
+    #: also stop after this many passes over the data (None: max_steps decides alone). SPO's recipes train
+    #: 10 epochs of prompts, whose number of optimizer steps depends on how many pairs the rollouts keep
+    max_epochs: int | None = pydantic.Field(None, ge=1)
     #: exponential moving average of the trainable weights (diffusers' EMAModel: per-step decay
     #: min(ema_decay, (1 + n) / (10 + n))); validation images and the export use the EMA weights. 0 = off
     ema_decay: float = pydantic.Field(0.0, ge=0.0, lt=1.0)
@@ -167,14 +170,38 @@ class SamplerConfig(_Section):
     batch_size: int = pydantic.Field(1, ge=1)
 
 
+class RolloutConfig(_Section):
+    """SPO's step-wise resampler (diffalign/sampling/resample.py, docs/spo.md). Defaults: the reference's SD1.5
+    recipe (RockeyCoss/SPO configs/basic_config.py and spo_sd-v1-5_4k-prompts_num-sam-4_10ep_bs10.py)."""
+
+    #: the step scorer, a scorer registry name: spm (the step-aware preference model, which reads x0-hat's
+    #: timestep) or any other scorer (it scores x0-hat and ignores the timestep)
+    scorer: str = "spm"
+    #: keyword arguments of the scorer's factory, e.g. {checkpoint: sd15} (the released SD1.5 SPM)
+    scorer_args: dict[str, Any] = {}
+    #: K candidates drawn at each branch step (sample.num_sample_each_step: 4 for SD1.5, 2 for SDXL)
+    candidates: int = pydantic.Field(4, ge=2)
+    #: sampling steps taken as one trajectory before the first branch (train.divert_start_step)
+    divert_start_step: int = pydantic.Field(4, ge=0)
+    #: single-sample steps of every candidate after each branch (sample.num_inner_step: 0 SD1.5, 3 SDXL)
+    inner_steps: int = pydantic.Field(0, ge=0)
+    #: a pair is kept when softmax(best, worst score) differs by more than this (compare_func_cfg: 0.3 / 0.4)
+    threshold: float = pydantic.Field(0.3, ge=0, lt=1)
+    #: kept pairs per process per micro-step (train.train_batch_size); each rollout of train.batch_size
+    #: prompts per process feeds as many micro-steps as its pairs fill
+    pairs_per_step: int = pydantic.Field(10, ge=1)
+
+
 class ExperienceConfig(_Section):
     """Where each step's candidates come from (diffalign/training/experience.py). auto: the objective's
-    default (offline: the data's)."""
+    default (offline: the data's; rollout for SPO)."""
 
-    source: Literal["auto", "offline", "generated"] = "auto"
+    source: Literal["auto", "offline", "generated", "rollout"] = "auto"
     #: generated: which model samples the candidate that is not from the data
     generator: Literal["reference", "policy"] = "reference"
     sampler: SamplerConfig = SamplerConfig()
+    #: rollout: SPO's step-wise resampler
+    rollout: RolloutConfig = RolloutConfig()
 
 
 class Config(_Section):
@@ -210,11 +237,33 @@ class Config(_Section):
         if source == "generated" and self.experience.generator == "reference" and not obj.needs_reference:
             raise ValueError(f"experience.generator=reference: objective {obj.name!r} has no reference model; "
                              "use experience.generator=policy")  # fmt: skip
+        if source == "rollout":
+            self._check_rollout()
+        elif self.data.format == "prompts":
+            raise ValueError(f"data.format=prompts holds prompts only; objective {obj.name!r} learns from "
+                             f"{source} experience, which needs images (pairs or ranked lists)")  # fmt: skip
         if obj.formats is not None and self.data.format not in obj.formats:
             raise ValueError(f"objective {obj.name!r} needs data.format in {list(obj.formats)}, got {self.data.format!r}")
         if self.train.reference == "lora_off" and self.lora is None:
             raise ValueError("train.reference=lora_off needs a lora section (or use frozen_copy / auto)")
         return self
+
+
+    def _check_rollout(self) -> None:
+        if self.data.format != "prompts":
+            raise ValueError(f"experience.source=rollout (SPO) learns online from prompts, not from "
+                             f"data.format={self.data.format!r} images: its candidates are sampled during training. "
+                             "Give data.format: prompts with a prompt file (.txt, .json, .jsonl) or a dataset's "
+                             "caption column (docs/spo.md)")  # fmt: skip
+        s, r = self.experience.sampler, self.experience.rollout
+        if s.eta <= 0:
+            raise ValueError("experience.source=rollout needs a stochastic sampler: set experience.sampler.eta > 0 "
+                             "(SPO's DDIM eta 1.0; for flow matching the SDE noise level)")  # fmt: skip
+        if r.divert_start_step >= s.steps:
+            raise ValueError(f"experience.rollout.divert_start_step ({r.divert_start_step}) must be below "
+                             f"experience.sampler.steps ({s.steps})")  # fmt: skip
+        if self.cache.enabled:
+            raise ValueError("cache.enabled: the latent cache holds data images; rollout experience has none")
 
 
 # ---- loading -------------------------------------------------------------------------------------

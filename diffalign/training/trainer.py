@@ -24,7 +24,7 @@ from diffalign.backbones import load_backbone
 from diffalign.config import Config, dump_config, weight_dtype
 from diffalign.objectives import get_objective
 from diffalign.training import checkpoint as ckpt
-from diffalign.training.experience import GeneratedSource, OfflineSource
+from diffalign.training.experience import GeneratedSource, OfflineSource, RolloutSource
 from diffalign.training.reference import make_reference
 
 
@@ -184,13 +184,29 @@ class Trainer:
         common = dict(seed=cfg.train.seed, resolution=cfg.data.resolution, device=acc.device, dtype=self.weight_dtype,
                       global_batch=self.global_batch, local_batch=cfg.train.batch_size, rank=acc.process_index,
                       per_candidate_noise=getattr(params, "noise", "shared") == "per_image")  # fmt: skip
+        s = cfg.experience.sampler
         if cfg.experience_source() == "generated":
-            s = cfg.experience.sampler
             return GeneratedSource(self.backbone, steps=s.steps, guidance=s.guidance, eta=s.eta,
                                    generator=cfg.experience.generator, sample_batch=s.batch_size, **common)  # fmt: skip
+        if cfg.experience_source() == "rollout":
+            from diffalign.rewards import create_scorer
+            from diffalign.rewards.spm import as_step_scorer
+
+            r = cfg.experience.rollout
+            scorer = as_step_scorer(create_scorer(r.scorer, **({"device": acc.device} | r.scorer_args)))
+            del common["per_candidate_noise"]
+            return RolloutSource(self.backbone, world=acc.num_processes, scorer=scorer, steps=s.steps,
+                                 guidance=s.guidance, eta=s.eta, sample_batch=s.batch_size, candidates=r.candidates,
+                                 divert_start_step=r.divert_start_step, inner_steps=r.inner_steps,
+                                 threshold=r.threshold, pairs_per_step=r.pairs_per_step, unwrap=acc.unwrap_model,
+                                 autocast=acc.autocast, **common)  # fmt: skip
         return OfflineSource(self.backbone, candidates=self.objective.candidates, **common)
 
     def _dataset(self):
+        if self.cfg.data.format == "prompts":
+            from diffalign.data.prompts import build_prompt_dataset
+
+            return build_prompt_dataset(self.cfg.data)
         if self.cfg.cache.enabled:
             from diffalign.training.cache import CachedPreferenceDataset, cache_dir_for
 
@@ -248,12 +264,16 @@ class Trainer:
         """One micro-batch: the source's experience, its energies under the policy and the reference module,
         and the objective's (loss, metrics)."""
         exp = self.source.next(batch, micro, self.unet, self.reference)
+        if exp is None:  # nothing to learn in this batch on any process (SPO: no pair kept)
+            return None
         with self.acc.autocast():
             energy = exp.energy(self.unet)
             with torch.no_grad(), self.reference.model(self.unet) as ref_model:
                 ref = exp.energy(ref_model) if ref_model is not None else None
         phi = exp.phi.to(energy.device, energy.dtype)
         loss, metrics = self.objective(energy, ref, phi, **self.objective_params)
+        if exp.weight != 1.0:
+            loss = loss * exp.weight
         return loss, {**metrics, **exp.metrics}
 
     # ---- the loop -----------------------------------------------------------------------------------
@@ -266,6 +286,26 @@ class Trainer:
         collate = getattr(self.dataset, "collate", collate_preference)
         return DataLoader(_EpochIndexed(self.dataset), batch_sampler=sampler, collate_fn=collate,
                           num_workers=self.cfg.train.num_workers)
+
+    def _source_pending(self) -> bool:
+        """True while the source holds experience from an earlier batch (SPO's rollout buffer)."""
+        pending = getattr(self.source, "pending", None)
+        return bool(pending and pending())
+
+    def _data_done(self) -> bool:
+        """train.max_epochs passes over the data are read and the source holds nothing more."""
+        epochs = self.cfg.train.max_epochs
+        return epochs is not None and self.micro >= epochs * self.sampler.per_epoch and not self._source_pending()
+
+    def _nothing_learned(self) -> None:
+        """Count a batch the source found nothing to learn in; a whole epoch of them is an error (it would
+        read data forever)."""
+        self.counters["empty_batches"] = self.counters.get("empty_batches", 0) + 1
+        self.counters["consecutive_empty"] = self.counters.get("consecutive_empty", 0) + 1
+        if self.counters["consecutive_empty"] >= self.sampler.per_epoch:
+            raise RuntimeError(f"no experience in {self.counters['consecutive_empty']} batches in a row (a whole epoch "
+                               "of data): for SPO no rollout kept a pair; lower experience.rollout.threshold or "
+                               "check the step scorer")  # fmt: skip
 
     def _zero_loss(self) -> torch.Tensor:
         # touches every trainable parameter, so DDP's gradient sync runs on every process alike
@@ -303,6 +343,8 @@ class Trainer:
                 state = ckpt.read_state(path)
                 self.step, self.micro = state["step"], state["micro"]
                 self.counters.update(state["counters"])
+                if hasattr(self.source, "load_state"):
+                    self.source.load_state(path)
                 acc.print(f"resumed from {path} at step {self.step}")
         self.reference.on_step(self.step)
         if acc.is_main_process:
@@ -319,7 +361,7 @@ class Trainer:
         window: dict[str, list[float]] = {}
         last: dict[str, float] = {}
         t0 = time.time()
-        while self.step < cfg.train.max_steps:
+        while self.step < cfg.train.max_steps and not self._data_done():
             step_metrics, nonfinite = self._optimizer_step(batches)
             if nonfinite:
                 self.counters["nonfinite_steps"] += 1
@@ -343,8 +385,10 @@ class Trainer:
                                 | ({"acc": f"{last['implicit_acc']:.2f}"} if "implicit_acc" in last else {}))
             if cfg.validation.every and self.step % cfg.validation.every == 0:
                 self.validate()
-            if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.max_steps:
+            if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.max_steps or self._data_done():
                 self.save_checkpoint()
+        if window:  # stopped by train.max_epochs between logging steps
+            last = self._log(window, t0)
         bar.close()
         self.export(last)
         acc.end_training()
@@ -355,16 +399,25 @@ class Trainer:
         accum = cfg.train.grad_accum
         sums: dict[str, float] = {}
         nonfinite = False
-        for i in range(accum):
-            batch = next(batches)
-            micro = self.micro
-            self.micro += 1
-            if batch is None or batch.get("skipped"):
-                self.counters["skipped_items"] += (batch or {}).get("skipped", cfg.train.batch_size)
+        i = 0
+        while i < accum:
+            if self._source_pending():  # experience left from an earlier batch (SPO's kept pairs): no data read
+                batch, micro = {}, None
+            else:
+                batch = next(batches)
+                micro = self.micro
+                self.micro += 1
+                if batch is None or batch.get("skipped"):
+                    self.counters["skipped_items"] += (batch or {}).get("skipped", cfg.train.batch_size)
             sync = acc.no_sync(self.unet) if i < accum - 1 and acc.num_processes > 1 else nullcontext()
             with sync:
                 if batch is not None:
-                    loss, metrics = self.compute_loss(self._to_device(batch), micro)
+                    out = self.compute_loss(self._to_device(batch), micro)
+                    if out is None:  # read the next batch for this micro-step (the same on every process)
+                        self._nothing_learned()
+                        continue
+                    self.counters.pop("consecutive_empty", None)
+                    loss, metrics = out
                     ok = torch.isfinite(loss.detach()).float()
                 else:
                     loss, metrics, ok = None, {}, torch.ones((), device=acc.device)
@@ -376,6 +429,7 @@ class Trainer:
                 acc.backward(loss / accum)
             for k, v in ({"loss": loss.detach()} | metrics).items():
                 sums[k] = sums.get(k, 0.0) + float(v) / accum
+            i += 1
         grad_norm = acc.clip_grad_norm_(self.params, cfg.optim.max_grad_norm or math.inf)
         grad_ok = grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)).item())
         if nonfinite or (not grad_ok and cfg.train.mixed_precision != "fp16"):
@@ -399,7 +453,7 @@ class Trainer:
         mean = acc.reduce(local, reduction="mean") if acc.num_processes > 1 else local
         metrics = dict(zip(window, mean.tolist()))
         metrics |= {"step": self.step, "elapsed_s": round(time.time() - t0, 2)}
-        metrics |= {k: v for k, v in self.counters.items() if k != "consecutive_nonfinite"}
+        metrics |= {k: v for k, v in self.counters.items() if not k.startswith("consecutive_")}
         acc.log(metrics, step=self.step)
         if acc.is_main_process:
             with open(self.out / "logs" / "metrics.jsonl", "a") as f:
@@ -427,6 +481,8 @@ class Trainer:
         self.acc.save_state(str(tmp))
         self.acc.wait_for_everyone()  # every rank has written its files (RNG states) before the rename
         if self.acc.is_main_process:
+            if hasattr(self.source, "save_state"):  # experience not yet trained on (SPO's kept pairs)
+                self.source.save_state(tmp)
             state = {"step": self.step, "micro": self.micro, "counters": self.counters}
             ckpt.finalize(tmp, final, state, self.cfg.checkpoint.keep)
         self.acc.wait_for_everyone()
