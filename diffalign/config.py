@@ -17,6 +17,7 @@ import yaml
 from diffalign.configio import ConfigError as ConfigError  # re-exported: one class for every config
 from diffalign.configio import load
 from diffalign.data.config import DataConfig
+from diffalign.rewards.pickscore import PICKSCORE_MODEL, PICKSCORE_PROCESSOR
 
 
 class _Section(pydantic.BaseModel):
@@ -103,8 +104,12 @@ class OptimConfig(_Section):
     weight_decay: float = 1e-2
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
-    scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    #: diffusers' schedules, or warmup_log_decay: DeepSpeed's WarmupDecayLR (its default log warm-up,
+    #: lr x log(k + 1) / log(warmup_steps), then linear decay reaching 0 at decay_steps), the SPM trainer's
+    scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "warmup_log_decay"] = "constant"
     warmup_steps: int = pydantic.Field(0, ge=0)
+    #: warmup_log_decay: the step at which the decay reaches 0 (None: train.max_steps)
+    decay_steps: int | None = pydantic.Field(None, ge=1)
     max_grad_norm: float | None = 1.0
 
 
@@ -266,7 +271,59 @@ class Config(_Section):
             raise ValueError("cache.enabled: the latent cache holds data images; rollout experience has none")
 
 
+class SPMSection(_Section):
+    """The step-aware preference model `diffalign train-spm` trains (docs/spo.md). Defaults: RockeyCoss/SPO's
+    SPM trainer (step_aware_preference_model/trainer/tasks/spm_task.py)."""
+
+    #: the CLIP it starts from (PickScore) and the processor of its init checkpoint
+    clip: str = PICKSCORE_MODEL
+    processor: str | None = PICKSCORE_PROCESSOR
+    #: start from these SPM weights instead of PickScore: sd15 / sdxl (the released SPMs), a file, an export
+    init: str | None = None
+    #: a tiny random CLIP instead (tests, the toy world)
+    tiny: bool = False
+    #: classifier-free guidance of the frozen diffusion model's one step that gives x0-hat (task.cfg_scale)
+    guidance: float = pydantic.Field(5.0, ge=0)
+    #: relabel every pair with PickScore on its two images (the SDXL SPM's use_pickscore_label): a tie when the
+    #: softmax gap is at most tie_threshold (pickscore_threshold)
+    relabel: Literal["none", "pickscore"] = "none"
+    tie_threshold: float = pydantic.Field(0.1, ge=0, lt=1)
+
+
+class SPMConfig(_Section):
+    """`diffalign train-spm`: the same sections as a training config, with `model` the frozen diffusion model
+    whose one-step x0-hat the SPM learns to score and `spm` the model trained (all of it)."""
+
+    model: ModelConfig
+    data: DataConfig
+    spm: SPMSection = SPMSection()
+    optim: OptimConfig = OptimConfig()
+    train: TrainSection = TrainSection()
+    logging: LoggingConfig = LoggingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    validation: ValidationConfig = ValidationConfig()
+    cache: CacheConfig = CacheConfig()
+    output_dir: str = "runs/spm"
+
+    @pydantic.model_validator(mode="after")
+    def _consistent(self) -> SPMConfig:
+        from diffalign.data.schema import PAIR_FORMATS
+
+        if self.data.format not in (*PAIR_FORMATS, "jsonl", "hpdv2") and not self.data.ranked_as_pairs:
+            raise ValueError(f"train-spm learns from preference pairs; data.format={self.data.format!r} gives none "
+                             "(use pickapic, jsonl pairs, hpdv2, or ranked with ranked_as_pairs)")  # fmt: skip
+        if self.spm.relabel == "pickscore" and self.cache.enabled:
+            raise ValueError("spm.relabel=pickscore scores the pairs' images, which the latent cache does not hold")
+        if self.validation.every:
+            raise ValueError("validation.every: train-spm has no validation images; set it to 0")
+        return self
+
+
 # ---- loading -------------------------------------------------------------------------------------
+
+
+def load_spm_config(source: str | Path | dict, overrides: list[str] | None = None) -> SPMConfig:
+    return load(SPMConfig, source, overrides)
 
 
 def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> Config:

@@ -138,6 +138,12 @@ class StepAwareCLIP(nn.Module):
         shift, scale = self.pooled_adaln(cond).chunk(2, dim=1)
         return self.clip.visual_projection(pooled * (1 + scale) + shift)
 
+    def forward(self, pixel_values: torch.Tensor, t: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(image features at t, text features): both towers in one call (training under DDP)."""
+        return self.get_image_features(pixel_values, t), self.get_text_features(input_ids=input_ids,
+                                                                                 attention_mask=attention_mask)
+
     # ---- the released checkpoints' key space ---------------------------------------------------------
     def reference_state_dict(self) -> dict[str, torch.Tensor]:
         """This model's weights under the reference's module names."""

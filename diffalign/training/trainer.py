@@ -81,6 +81,24 @@ class _EpochIndexed(torch.utils.data.Dataset):
         return self.dataset[index]
 
 
+def warmup_log_decay(optimizer, warmup: int, decay_end: int, processes: int = 1):
+    """DeepSpeed's WarmupDecayLR (min lr 0) with its default log warm-up, as a LambdaLR stepped `processes`
+    times per optimizer step. Optimizer step k (from 1) runs at DeepSpeed's iteration i = k - 2 (its first step
+    runs before the scheduler's first step(), at lr 0): lr x log(i + 1) / log(W) while i < W = max(2, warmup),
+    then lr x max(0, (decay_end - i) / max(1, decay_end - W))."""
+    warm = max(2, warmup)
+
+    def factor(calls: int) -> float:
+        i = calls // processes - 1
+        if i < 0:
+            return 0.0
+        if i < warm:
+            return math.log(i + 1) / math.log(warm)
+        return max(0.0, (decay_end - i) / max(1.0, decay_end - warm))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def make_accelerator(cfg: Config):
     """The Accelerator a config asks for (mixed precision, trackers, the run folder as project dir)."""
     from accelerate import Accelerator
@@ -109,8 +127,6 @@ class Trainer:
             raise ValueError(f"the accelerator runs mixed_precision={self.acc.mixed_precision!r} but the config "
                              f"asks for {cfg.train.mixed_precision!r}")  # fmt: skip
         self.weight_dtype = weight_dtype(cfg.train.mixed_precision)
-        self.objective = get_objective(cfg.objective.name)
-        self.objective_params = cfg.objective.params()
         self.step = 0  # optimizer steps taken
         self.micro = 0  # micro-batches consumed (the data position)
         self.counters = {"skipped_items": 0, "nonfinite_steps": 0, "consecutive_nonfinite": 0}
@@ -120,6 +136,8 @@ class Trainer:
     # ---- setup ------------------------------------------------------------------------------------
     def _build(self) -> None:
         cfg, acc = self.cfg, self.acc
+        self.objective = get_objective(cfg.objective.name)
+        self.objective_params = cfg.objective.params()
         mc = cfg.model
         self.backbone = bb = load_backbone(mc.pretrained, mc.family, mc.revision, mc.variant, mc.vae, mc.prediction_type)
         unet = bb.denoiser
@@ -158,14 +176,7 @@ class Trainer:
         self.global_batch = cfg.train.batch_size * acc.num_processes
         self.lr = cfg.optim.lr * (self.global_batch * cfg.train.grad_accum if cfg.optim.scale_lr else 1)
         optimizer = self._optimizer()
-        from diffusers.optimization import get_scheduler
-
-        # accelerate steps a prepared scheduler once per process for each optimizer step (it assumes the
-        # schedule counts per-process batches), so its lengths are given in those units, as the diffusers
-        # scripts do: the lr after n steps is then the same for any number of processes.
-        scheduler = get_scheduler(cfg.optim.scheduler, optimizer,
-                                  num_warmup_steps=cfg.optim.warmup_steps * acc.num_processes,
-                                  num_training_steps=cfg.train.max_steps * acc.num_processes)  # fmt: skip
+        scheduler = self._lr_scheduler(optimizer)
         self.unet, self.optimizer, self.scheduler = acc.prepare(unet, optimizer, scheduler)
         # the parameters the optimizer, clipping and EMA see, taken from the prepared model
         self.params = [p for p in acc.unwrap_model(self.unet).parameters() if p.requires_grad]
@@ -201,6 +212,18 @@ class Trainer:
                                  threshold=r.threshold, pairs_per_step=r.pairs_per_step, unwrap=acc.unwrap_model,
                                  autocast=acc.autocast, **common)  # fmt: skip
         return OfflineSource(self.backbone, candidates=self.objective.candidates, **common)
+
+    def _lr_scheduler(self, optimizer):
+        """accelerate steps a prepared scheduler once per process for each optimizer step (it assumes the
+        schedule counts per-process batches), so its lengths are given in those units, as the diffusers
+        scripts do: the lr after n steps is then the same for any number of processes."""
+        o, n = self.cfg.optim, self.acc.num_processes
+        if o.scheduler == "warmup_log_decay":
+            return warmup_log_decay(optimizer, o.warmup_steps, o.decay_steps or self.cfg.train.max_steps, n)
+        from diffusers.optimization import get_scheduler
+
+        return get_scheduler(o.scheduler, optimizer, num_warmup_steps=o.warmup_steps * n,
+                             num_training_steps=self.cfg.train.max_steps * n)  # fmt: skip
 
     def _dataset(self):
         if self.cfg.data.format == "prompts":
