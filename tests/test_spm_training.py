@@ -44,6 +44,22 @@ def _state(trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.acc.unwrap_model(trainer.unet).state_dict().items()}
 
 
+@pytest.mark.parametrize(("recipe", "lr", "steps", "relabel"), [("spm_sd15", 3e-6, 8000, "none"),
+                                                             ("spm_sdxl", 1e-6, 7000, "pickscore")])
+def test_spm_recipes_validate_and_carry_the_reference_settings(recipe, lr, steps, relabel):
+    import yaml
+
+    from diffalign.config import dump_config, load_spm_config
+
+    cfg = load_spm_config(Path(__file__).resolve().parents[1] / "configs" / f"{recipe}.yaml")
+    assert load_spm_config(yaml.safe_load(dump_config(cfg))) == cfg
+    o = cfg.optim
+    assert (o.lr, o.weight_decay, o.scheduler, o.warmup_steps, o.decay_steps) == (lr, 0.3, "warmup_log_decay", 500,
+                                                                                  steps * 4)
+    assert (cfg.train.max_steps, cfg.train.batch_size, cfg.train.mixed_precision) == (steps, 16, "bf16")
+    assert (cfg.spm.guidance, cfg.spm.relabel, cfg.spm.tie_threshold, cfg.data.drop_ties) == (5.0, relabel, 0.1, False)
+
+
 def test_preference_cross_entropy_matches_pickscores_criterion():
     from diffalign.training.spm import preference_cross_entropy
 

@@ -42,7 +42,34 @@ def spo_config(tmp_path, **sections):
     return cfg
 
 
-def test_tiny_spo_trains_several_steps_per_rollout_and_logs(tmp_path):
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "facts"),
+    [  # RockeyCoss/SPO configs/basic_config.py and the two experiment configs over it
+        ("spo_sd15", dict(candidates=4, threshold=0.3, inner_steps=0, lr=6e-5, rank=4, batch=10, pairs=10, accum=1)),
+        ("spo_sdxl", dict(candidates=2, threshold=0.4, inner_steps=3, lr=1e-5, rank=64, batch=2, pairs=2, accum=2)),
+    ],
+)
+def test_spo_recipes_carry_the_reference_settings(recipe, facts):
+    from diffalign.config import load_config
+
+    cfg = load_config(ROOT / "configs" / f"{recipe}.yaml")
+    s, r = cfg.experience.sampler, cfg.experience.rollout
+    assert (s.steps, s.eta, s.guidance, r.divert_start_step) == (20, 1.0, 5.0, 4)
+    assert (r.candidates, r.threshold, r.inner_steps, r.pairs_per_step) == (facts["candidates"], facts["threshold"],
+                                                                            facts["inner_steps"], facts["pairs"])
+    assert cfg.objective.params() == {"beta": 10.0, "clip": 0.1}
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.max_grad_norm, cfg.optim.scheduler) == (
+        facts["lr"], 1e-4, 1.0, "constant")
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.init) == (facts["rank"], facts["rank"], "gaussian")
+    assert (cfg.train.batch_size, cfg.train.grad_accum, cfg.train.max_epochs, cfg.train.seed) == (
+        facts["batch"], facts["accum"], 10, 42)
+
+
+def test_tiny_spo_recipe_trains_several_steps_per_rollout_and_logs(tmp_path):
+    from diffalign.config import load_config
     from diffalign.training.trainer import Trainer
 
     rollouts = []
@@ -53,22 +80,25 @@ def test_tiny_spo_trains_several_steps_per_rollout_and_logs(tmp_path):
             rollouts.append((micro, list(batch["prompts"])))
         return real(self, batch, micro)
 
-    cfg = spo_config(tmp_path, train={"batch_size": 2, "max_steps": 4})
+    out = tmp_path / "tiny_spo"
+    cfg = load_config(ROOT / "configs" / "tiny_spo.yaml", [f"output_dir={out}", "logging.tensorboard=false"])
     import unittest.mock
 
     with unittest.mock.patch.object(Trainer, "compute_loss", spy):
-        trainer = run(cfg)
+        trainer = Trainer(cfg)
+        trainer.train()
     assert trainer.source.kind == "rollout"
-    rows = logged(cfg)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    rows = logged({"output_dir": str(out)})
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at the first step
     assert rows[0]["ratio_win"] == 1.0 and rows[0]["ratio_lose"] == 1.0
     assert {"pairs", "kept_fraction", "preference_score_mean", "preference_score_std", "clipped"} <= set(rows[0])
-    # 2 prompts x 3 pairs = 6 pairs per rollout, 2 per step: 3 steps per rollout, so 2 rollouts for 4 steps
+    # 2 prompts x 3 pairs = 6 pairs per rollout, 2 per step: 3 steps per rollout, so 2 rollouts for 6 steps
     assert [m for m, _ in rollouts] == [0, 1] and rows[0]["rollout_pairs"] == 6.0
     assert all(len(p) == 2 and all(isinstance(x, str) and x for x in p) for _, p in rollouts)
     lora = trainable_state(trainer)
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # the adapters moved
+    assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_spo_resume_after_a_crash_mid_rollout_is_exact(tmp_path, monkeypatch):
@@ -165,3 +195,33 @@ def test_config_refuses_what_spo_cannot_learn_from(tmp_path, change, message):
     with pytest.raises(ConfigError) as err:
         load_config(cfg)
     assert message in str(err.value)
+
+
+def test_spo_trains_a_flow_matching_backbone_with_the_sde_transition(tmp_path, monkeypatch):
+    """SD3's path on a miniature flow model (a pixel UNet on FlowMatchEulerDiscreteScheduler): the rollout uses
+    the Flow-GRPO SDE step with eta as its noise level, the loss its Gaussian transition log-probability."""
+    from diffalign.backbones import registry
+    from diffalign.backbones.base import Family
+    from diffalign.training.experience import RolloutSource
+    from tests.test_spo_resample import tiny_flow_backbone
+
+    fam = Family("tinyflow", (), load=lambda *a, **k: tiny_flow_backbone(), builders={"tiny": lambda **k: tiny_flow_backbone()})
+    monkeypatch.setitem(registry._FAMILIES, "tinyflow", fam)
+    steps_seen = []
+    real = RolloutSource._experience
+
+    def spy(self, buf, idx, weight):
+        steps_seen.extend(buf["step"][idx].tolist())
+        return real(self, buf, idx, weight)
+
+    monkeypatch.setattr(RolloutSource, "_experience", spy)
+    cfg = spo_config(tmp_path, model={"pretrained": "tiny:tinyflow"}, train={"batch_size": 2, "max_steps": 3})
+    cfg["data"]["resolution"] = 8
+    cfg["experience"]["sampler"] = {"steps": 4, "guidance": 2.0, "eta": 0.7}
+    cfg["experience"]["rollout"] |= {"divert_start_step": 1, "inner_steps": 1}
+    trainer = run(cfg)
+    assert trainer.backbone.process.kind == "flow"
+    rows = logged(cfg)
+    assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)
+    assert 3 in steps_seen  # the flow SDE's last step is stochastic: it gives pairs too
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
