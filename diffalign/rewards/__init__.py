@@ -1,7 +1,7 @@
 """Reward models behind one interface: `create_scorer(name).score(images, prompts)`.
 
 Built-in scorers (each module imports torch-heavy libraries lazily, inside functions):
-`pickscore`, `hpsv2`, `hpsv2.1`, `imagereward`, `clipscore` (100*cos, ViT-L/14), `clip-s` (2.5*cos, ViT-B/32),
+`pickscore`, `spm` (the step-aware preference model of SPO), `hpsv2`, `hpsv2.1`, `imagereward`, `clipscore` (100*cos, ViT-L/14), `clip-s` (2.5*cos, ViT-B/32),
 `toy` and `toy_<field>` (the toy world's programmatic reward, diffalign/toy/reward.py).
 """
 
