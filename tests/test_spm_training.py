@@ -156,7 +156,7 @@ def test_each_pair_shares_its_timestep_and_noise_in_one_guided_step(tmp_path, mo
 def test_tiny_spm_trains_exports_a_loadable_spm_and_resumes_exactly(tmp_path, monkeypatch):
     from diffalign.rewards import create_scorer
     from diffalign.rewards.spm import build_spm_model
-    from diffalign.training.trainer import Trainer
+    from tests.helpers import crash_then_resume
 
     full = train_spm(spm_config(tmp_path / "full"))
     start, _, _ = build_spm_model(tiny=True)
@@ -169,19 +169,7 @@ def test_tiny_spm_trains_exports_a_loadable_spm_and_resumes_exactly(tmp_path, mo
     expected.model.load_state_dict(trained.state_dict())
     assert torch.equal(scorer.score(x, ["a red circle", "a cat"], 400), expected.score(x, ["a red circle", "a cat"], 400))
 
-    part = spm_config(tmp_path / "part")
-    original = Trainer._optimizer_step
-
-    def crashing(self, batches):
-        if self.step == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, batches)
-
-    monkeypatch.setattr(Trainer, "_optimizer_step", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        train_spm(part)
-    monkeypatch.setattr(Trainer, "_optimizer_step", original)
-    resumed = train_spm(part, resume="latest")
+    resumed = crash_then_resume(spm_config(tmp_path / "part"), 3, monkeypatch, runner=train_spm)
     a, b = _state(full), _state(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -214,3 +202,18 @@ def test_relabelled_run_reads_pickscore_labels(tmp_path, monkeypatch):
     monkeypatch.setattr(spm_mod, "pickscore_labels", spy)
     train_spm(spm_config(tmp_path, spm={"relabel": "pickscore"}, train={"max_steps": 1}))
     assert len(seen) == 1 and seen[0][1] == 0.1 and seen[0][0].shape == (2, 2)
+
+
+def test_spm_training_from_the_latent_cache_equals_training_from_pixels(tmp_path):
+    from diffalign.config import load_spm_config
+    from diffalign.training.cache import build_cache
+    from tests.helpers import logged
+
+    plain = spm_config(tmp_path / "plain", train={"max_steps": 2})
+    cached = spm_config(tmp_path / "cached", train={"max_steps": 2}, cache={"enabled": True, "dtype": "fp32"})
+    train_spm(plain)
+    build_cache(load_spm_config(cached), device="cpu")
+    trainer = train_spm(cached)
+    assert trainer.dataset.__class__.__name__ == "CachedPreferenceDataset"
+    for a, b in zip(logged(plain), logged(cached), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["t_mean"] == a["t_mean"]

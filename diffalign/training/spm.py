@@ -202,24 +202,8 @@ class SPMTrainer(Trainer):
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import sys
+    from diffalign.config import load_spm_config
+    from diffalign.training.cli import run_command
 
-    p = argparse.ArgumentParser(prog="diffalign train-spm", description="Train SPO's step-aware preference model.")
-    p.add_argument("config", help="YAML recipe, e.g. configs/spm_sd15.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
-    p.add_argument("--output-dir", help="where logs, checkpoints and the export go (overrides output_dir)")
-    p.add_argument("--resume", help="'latest' or a checkpoint folder; 'latest' starts fresh if none exists")
-    args = p.parse_args(argv)
-
-    from diffalign.config import ConfigError, load_spm_config
-
-    overrides = list(args.overrides) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
-    try:
-        cfg = load_spm_config(args.config, overrides)
-    except ConfigError as err:
-        print(f"diffalign train-spm: {err}", file=sys.stderr)
-        return 2
-    SPMTrainer(cfg, resume=args.resume).train()
-    print(f"done: {cfg.output_dir}/final")
-    return 0
+    return run_command(argv, "diffalign train-spm", "Train SPO's step-aware preference model on preference pairs.",
+                       "configs/spm_sd15.yaml", load_spm_config, "diffalign.training.spm:SPMTrainer")  # fmt: skip

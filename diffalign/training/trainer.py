@@ -193,24 +193,23 @@ class Trainer:
         cfg, acc = self.cfg, self.acc
         params = self.objective.validate(self.objective_params)
         common = dict(seed=cfg.train.seed, resolution=cfg.data.resolution, device=acc.device, dtype=self.weight_dtype,
-                      global_batch=self.global_batch, local_batch=cfg.train.batch_size, rank=acc.process_index,
-                      per_candidate_noise=getattr(params, "noise", "shared") == "per_image")  # fmt: skip
+                      global_batch=self.global_batch, local_batch=cfg.train.batch_size, rank=acc.process_index)  # fmt: skip
         s = cfg.experience.sampler
-        if cfg.experience_source() == "generated":
-            return GeneratedSource(self.backbone, steps=s.steps, guidance=s.guidance, eta=s.eta,
-                                   generator=cfg.experience.generator, sample_batch=s.batch_size, **common)  # fmt: skip
         if cfg.experience_source() == "rollout":
             from diffalign.rewards import create_scorer
             from diffalign.rewards.spm import as_step_scorer
 
             r = cfg.experience.rollout
             scorer = as_step_scorer(create_scorer(r.scorer, **({"device": acc.device} | r.scorer_args)))
-            del common["per_candidate_noise"]
             return RolloutSource(self.backbone, world=acc.num_processes, scorer=scorer, steps=s.steps,
                                  guidance=s.guidance, eta=s.eta, sample_batch=s.batch_size, candidates=r.candidates,
                                  divert_start_step=r.divert_start_step, inner_steps=r.inner_steps,
                                  threshold=r.threshold, pairs_per_step=r.pairs_per_step, unwrap=acc.unwrap_model,
                                  autocast=acc.autocast, **common)  # fmt: skip
+        common["per_candidate_noise"] = getattr(params, "noise", "shared") == "per_image"
+        if cfg.experience_source() == "generated":
+            return GeneratedSource(self.backbone, steps=s.steps, guidance=s.guidance, eta=s.eta,
+                                   generator=cfg.experience.generator, sample_batch=s.batch_size, **common)  # fmt: skip
         return OfflineSource(self.backbone, candidates=self.objective.candidates, **common)
 
     def _lr_scheduler(self, optimizer):
@@ -347,7 +346,10 @@ class Trainer:
             f"experience: {self.source.kind}",
             f"  tuning      {f'LoRA rank {cfg.lora.rank}' if cfg.lora else 'full'}: {trainable:,} of {total:,} parameters trainable",
             f"  data        {self._describe_data()}",
-            f"  batch       {cfg.train.batch_size} per process x {acc.num_processes} processes x {cfg.train.grad_accum} accumulation = {eff} items per step",
+            f"  batch       {cfg.train.batch_size} per process x {acc.num_processes} processes x {cfg.train.grad_accum} accumulation = {eff} items per step"
+            if self.source.kind != "rollout" else
+            f"  batch       {cfg.train.batch_size} prompts per process per rollout; {cfg.experience.rollout.pairs_per_step} kept "
+            f"pairs per process x {acc.num_processes} processes x {cfg.train.grad_accum} accumulation per step",
             f"  schedule    {cfg.train.max_steps} steps = {cfg.train.max_steps * eff / max(n, 1):.2f} epochs; lr {self.lr:g} ({cfg.optim.optimizer}, {cfg.optim.scheduler}, warmup {cfg.optim.warmup_steps})",
             f"  precision   {cfg.train.mixed_precision}; device {acc.device}; output {self.out}",
         ]
