@@ -33,6 +33,11 @@ def run_command(argv, prog: str, description: str, example: str, load, trainer: 
     except ConfigError as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
-    load_attr(trainer)(cfg, resume=args.resume).train()
+    try:
+        run = load_attr(trainer)(cfg, resume=args.resume)
+    except ConfigError as err:  # a setting this machine cannot run (e.g. train.compile without a compiler)
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 2
+    run.train()
     print(f"done: {cfg.output_dir}/final")
     return 0
