@@ -16,7 +16,8 @@ COLUMN_ROLES = (
 class DataConfig(pydantic.BaseModel, extra="forbid"):
     """Where the preference data comes from and how each item is turned into tensors."""
 
-    format: Literal["pickapic", "double_caption", "ranked", "jsonl", "hpdv2"]
+    #: prompts: prompt-only data for online methods (SPO), diffalign/data/prompts.py
+    format: Literal["pickapic", "double_caption", "ranked", "jsonl", "hpdv2", "prompts"]
     #: hub id | local parquet file / dir / glob | save_to_disk folder | .jsonl file | HPDv2 train.json |
     #: "builtin:pickapic" / "builtin:double_caption" / "builtin:ranked" (synthetic, written on first use)
     source: str
@@ -61,10 +62,10 @@ class DataConfig(pydantic.BaseModel, extra="forbid"):
     def _source_matches_format(self) -> DataConfig:
         if self.source.startswith("builtin:"):
             kind = self.source.split(":", 1)[1]
-            if kind not in ("pickapic", "double_caption", "ranked"):
+            if kind not in ("pickapic", "double_caption", "ranked", "prompts"):
                 raise ValueError(
-                    f"unknown builtin source {self.source!r}; use builtin:pickapic, builtin:double_caption "
-                    "or builtin:ranked"
+                    f"unknown builtin source {self.source!r}; use builtin:pickapic, builtin:double_caption, "
+                    "builtin:ranked or builtin:prompts"
                 )
             if kind != self.format:
                 raise ValueError(f"source {self.source!r} holds {kind} data but format is {self.format!r}")

@@ -38,6 +38,7 @@ from typing import Literal
 import yaml
 
 from diffalign.toy.base import BaseRecipe, train_config
+from diffalign.toy.world import all_prompts
 
 #: the demo's default output folder; the committed configs/toy_*.yaml are rendered for it
 DEFAULT_OUT = "runs/demo"
@@ -50,8 +51,8 @@ class Method:
     objective: dict
     lr: float
     #: pairs: (best, worst) of each Syn-Pic row; lists: the full ranked list; dual_captions: those pairs, one
-    #: caption per image (diffalign.toy.dual_captions)
-    data: Literal["pairs", "lists", "dual_captions"] = "pairs"
+    #: caption per image (diffalign.toy.dual_captions); prompts: the Syn-Pic rows' prompts only (online methods)
+    data: Literal["pairs", "lists", "dual_captions", "prompts"] = "pairs"
     note: str = ""
     #: the loser of each pair is sampled during training by the reference (experience.source generated)
     generated: bool = False
@@ -72,6 +73,8 @@ METHODS: dict[str, Method] = {
         Method("sft_winners", "SFT on winners", {"name": "sft"}, 1e-4, note="the best image of each group"),
         Method("seppo", "SePPO", {"name": "seppo", "beta": 2000.0}, 1e-4, generated=True,
                note="the winners only, each against a sample by a reference drawn from earlier checkpoints"),
+        Method("spo", "SPO", {"name": "spo"}, 1e-4, data="prompts",
+               note="online: the model's own DDIM steps, 4 candidates per step scored by the toy reward on x0-hat"),
     )
 }  # fmt: skip
 
@@ -132,7 +135,16 @@ def synpic_config(out: str | Path, r: DemoRecipe = DemoRecipe()) -> dict:
     }
 
 
+#: SPO in the toy world: the SD1.5 recipe's resampler (4 candidates, threshold 0.3, one trajectory for the first
+#: 20% of the steps: 2 of 10) on the demo's sampler (DDIM with eta 1, no guidance), 8 prompts per rollout,
+#: pairs_per_step pairs per step, the toy reward on x0-hat as the step scorer (docs/demo.md)
+SPO_ROLLOUT = {"scorer": "toy", "candidates": 4, "divert_start_step": 2, "inner_steps": 0, "threshold": 0.3}
+SPO_PROMPTS_PER_ROLLOUT = 8
+
+
 def _align_data(m: Method, p: dict[str, str], r: DemoRecipe) -> dict:
+    if m.data == "prompts":
+        return {"format": "prompts", "source": p["data"], "caption_column": "prompt", "resolution": r.base.size}
     if m.data == "dual_captions":
         return {"format": "double_caption", "source": p["dual_captions"], "resolution": r.base.size}
     return {"format": "ranked", "source": p["data"], "resolution": r.base.size, "ranked_as_pairs": m.data == "pairs"}
@@ -142,10 +154,18 @@ def align_config(method: str, out: str | Path, r: DemoRecipe = DemoRecipe()) -> 
     m = METHODS[method]
     p = paths(out)
     batch = r.align_images // (r.k if m.data == "lists" else 2)
+    online = {}
+    if m.data == "prompts":  # batch = kept transition pairs per step; the rollouts read prompts
+        online = {"experience": {"sampler": {"steps": r.sample_steps, "guidance": r.guidance, "eta": 1.0,
+                                             "batch_size": SPO_PROMPTS_PER_ROLLOUT},
+                                 "rollout": SPO_ROLLOUT | {"pairs_per_step": batch,
+                                                           "divert_start_step": min(2, r.sample_steps - 1)}}}
+        batch = min(SPO_PROMPTS_PER_ROLLOUT, len(all_prompts()) * r.groups_per_prompt)
     cfg = {
         "model": {"pretrained": p["base"]},
         "data": _align_data(m, p, r),
         "objective": dict(m.objective),
+        **online,
         "optim": {"lr": m.lr},
         "train": {"batch_size": batch, "max_steps": r.align_steps, "seed": 0},
         "logging": {"every": max(1, min(10, r.align_steps)), "tensorboard": False},

@@ -26,7 +26,7 @@ from diffalign.errors import UserError
 from diffalign.objectives import get_objective
 from diffalign.training import checkpoint as ckpt
 from diffalign.training import preflight
-from diffalign.training.experience import GeneratedSource, OfflineSource, stream_seed
+from diffalign.training.experience import GeneratedSource, OfflineSource, RolloutSource, stream_seed
 from diffalign.training.reference import make_reference
 
 
@@ -92,6 +92,24 @@ class _EpochIndexed(torch.utils.data.Dataset):
         return self.dataset[index]
 
 
+def warmup_log_decay(optimizer, warmup: int, decay_end: int, processes: int = 1):
+    """DeepSpeed's WarmupDecayLR (min lr 0) with its default log warm-up, as a LambdaLR stepped `processes`
+    times per optimizer step. Optimizer step k (from 1) runs at DeepSpeed's iteration i = k - 2 (its first step
+    runs before the scheduler's first step(), at lr 0): lr x log(i + 1) / log(W) while i < W = max(2, warmup),
+    then lr x max(0, (decay_end - i) / max(1, decay_end - W))."""
+    warm = max(2, warmup)
+
+    def factor(calls: int) -> float:
+        i = calls // processes - 1
+        if i < 0:
+            return 0.0
+        if i < warm:
+            return math.log(i + 1) / math.log(warm)
+        return max(0.0, (decay_end - i) / max(1.0, decay_end - warm))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def make_accelerator(cfg: Config):
     """The Accelerator a config asks for (mixed precision, trackers, the run folder as project dir)."""
     from accelerate import Accelerator
@@ -120,8 +138,6 @@ class Trainer:
             raise ValueError(f"the accelerator runs mixed_precision={self.acc.mixed_precision!r} but the config "
                              f"asks for {cfg.train.mixed_precision!r}")  # fmt: skip
         self.weight_dtype = weight_dtype(cfg.train.mixed_precision)
-        self.objective = get_objective(cfg.objective.name)
-        self.objective_params = cfg.objective.params()
         self.step = 0  # optimizer steps taken
         self.micro = 0  # micro-batches consumed (the data position)
         self.counters = {"skipped_items": 0, "nonfinite_steps": 0, "consecutive_nonfinite": 0}
@@ -158,6 +174,8 @@ class Trainer:
     # ---- setup ------------------------------------------------------------------------------------
     def _build(self) -> None:
         cfg, acc = self.cfg, self.acc
+        self.objective = get_objective(cfg.objective.name)
+        self.objective_params = cfg.objective.params()
         mc = cfg.model
         self.backbone = bb = load_backbone(mc.pretrained, mc.family, mc.revision, mc.variant, mc.vae, mc.prediction_type)
         unet = bb.denoiser
@@ -201,14 +219,7 @@ class Trainer:
         self.global_batch = cfg.train.batch_size * acc.num_processes
         self.lr = cfg.optim.lr * (self.global_batch * cfg.train.grad_accum if cfg.optim.scale_lr else 1)
         optimizer = self._optimizer()
-        from diffusers.optimization import get_scheduler
-
-        # accelerate steps a prepared scheduler once per process for each optimizer step (it assumes the
-        # schedule counts per-process batches), so its lengths are given in those units, as the diffusers
-        # scripts do: the lr after n steps is then the same for any number of processes.
-        scheduler = get_scheduler(cfg.optim.scheduler, optimizer,
-                                  num_warmup_steps=cfg.optim.warmup_steps * acc.num_processes,
-                                  num_training_steps=cfg.train.max_steps * acc.num_processes)  # fmt: skip
+        scheduler = self._lr_scheduler(optimizer)
         self.unet, self.optimizer, self.scheduler = acc.prepare(unet, optimizer, scheduler)
         # the parameters the optimizer, clipping and EMA see, taken from the prepared model
         self.params = [p for p in acc.unwrap_model(self.unet).parameters() if p.requires_grad]
@@ -256,16 +267,42 @@ class Trainer:
         cfg, acc = self.cfg, self.acc
         params = self.objective.validate(self.objective_params)
         common = dict(seed=cfg.train.seed, resolution=cfg.data.resolution, device=acc.device, dtype=self.weight_dtype,
-                      global_batch=self.global_batch, local_batch=cfg.train.batch_size, rank=acc.process_index,
-                      per_candidate_noise=getattr(params, "noise", "shared") == "per_image",
-                      fused_energy=self.kernels_on)  # fmt: skip
+                      global_batch=self.global_batch, local_batch=cfg.train.batch_size, rank=acc.process_index)  # fmt: skip
+        s = cfg.experience.sampler
+        if cfg.experience_source() == "rollout":
+            from diffalign.rewards import create_scorer
+            from diffalign.rewards.spm import as_step_scorer
+
+            r = cfg.experience.rollout
+            scorer = as_step_scorer(create_scorer(r.scorer, **({"device": acc.device} | r.scorer_args)))
+            return RolloutSource(self.backbone, world=acc.num_processes, scorer=scorer, steps=s.steps,
+                                 guidance=s.guidance, eta=s.eta, sample_batch=s.batch_size, candidates=r.candidates,
+                                 divert_start_step=r.divert_start_step, inner_steps=r.inner_steps,
+                                 threshold=r.threshold, pairs_per_step=r.pairs_per_step, unwrap=acc.unwrap_model,
+                                 autocast=acc.autocast, **common)  # fmt: skip
+        common |= dict(per_candidate_noise=getattr(params, "noise", "shared") == "per_image", fused_energy=self.kernels_on)
         if cfg.experience_source() == "generated":
-            s = cfg.experience.sampler
             return GeneratedSource(self.backbone, steps=s.steps, guidance=s.guidance, eta=s.eta,
                                    generator=cfg.experience.generator, sample_batch=s.batch_size, **common)  # fmt: skip
         return OfflineSource(self.backbone, candidates=self.objective.candidates, **common)
 
+    def _lr_scheduler(self, optimizer):
+        """accelerate steps a prepared scheduler once per process for each optimizer step (it assumes the
+        schedule counts per-process batches), so its lengths are given in those units, as the diffusers
+        scripts do: the lr after n steps is then the same for any number of processes."""
+        o, n = self.cfg.optim, self.acc.num_processes
+        if o.scheduler == "warmup_log_decay":
+            return warmup_log_decay(optimizer, o.warmup_steps, o.decay_steps or self.cfg.train.max_steps, n)
+        from diffusers.optimization import get_scheduler
+
+        return get_scheduler(o.scheduler, optimizer, num_warmup_steps=o.warmup_steps * n,
+                             num_training_steps=self.cfg.train.max_steps * n)  # fmt: skip
+
     def _dataset(self):
+        if self.cfg.data.format == "prompts":
+            from diffalign.data.prompts import build_prompt_dataset
+
+            return build_prompt_dataset(self.cfg.data)
         if self.cfg.cache.enabled:
             from diffalign.training.cache import CachedPreferenceDataset, cache_dir_for
 
@@ -320,12 +357,16 @@ class Trainer:
         """One micro-batch: the source's experience, its energies under the policy and the reference module,
         and the objective's (loss, metrics)."""
         exp = self.source.next(batch, micro, self.unet, self.reference)
+        if exp is None:  # nothing to learn in this batch on any process (SPO: no pair kept)
+            return None
         with self.acc.autocast():
             energy = exp.energy(self.unet)
             with torch.no_grad(), self.reference.model(self.unet) as ref_model:
                 ref = exp.energy(ref_model) if ref_model is not None else None
         phi = exp.phi.to(energy.device, energy.dtype)
         loss, metrics = self.objective(energy, ref, phi, **self.objective_params)
+        if exp.weight != 1.0:
+            loss = loss * exp.weight
         return loss, {**metrics, **exp.metrics, **self.reference.metrics()}
 
     # ---- the loop -----------------------------------------------------------------------------------
@@ -338,6 +379,26 @@ class Trainer:
         collate = getattr(self.dataset, "collate", collate_preference)
         return DataLoader(_EpochIndexed(self.dataset), batch_sampler=sampler, collate_fn=collate,
                           num_workers=self.cfg.train.num_workers)
+
+    def _source_pending(self) -> bool:
+        """True while the source holds experience from an earlier batch (SPO's rollout buffer)."""
+        pending = getattr(self.source, "pending", None)
+        return bool(pending and pending())
+
+    def _data_done(self) -> bool:
+        """train.max_epochs passes over the data are read and the source holds nothing more."""
+        epochs = self.cfg.train.max_epochs
+        return epochs is not None and self.micro >= epochs * self.sampler.per_epoch and not self._source_pending()
+
+    def _nothing_learned(self) -> None:
+        """Count a batch the source found nothing to learn in; a whole epoch of them is an error (it would
+        read data forever)."""
+        self.counters["empty_batches"] = self.counters.get("empty_batches", 0) + 1
+        self.counters["consecutive_empty"] = self.counters.get("consecutive_empty", 0) + 1
+        if self.counters["consecutive_empty"] >= self.sampler.per_epoch:
+            raise RuntimeError(f"no experience in {self.counters['consecutive_empty']} batches in a row (a whole epoch "
+                               "of data): for SPO no rollout kept a pair; lower experience.rollout.threshold or "
+                               "check the step scorer")  # fmt: skip
 
     def _zero_loss(self) -> torch.Tensor:
         # touches every trainable parameter, so DDP's gradient sync runs on every process alike
@@ -356,7 +417,10 @@ class Trainer:
             f"experience: {self.source.kind}",
             f"  tuning      {f'LoRA rank {cfg.lora.rank}' if cfg.lora else 'full'}: {trainable:,} of {total:,} parameters trainable",
             f"  data        {self._describe_data()}",
-            f"  batch       {cfg.train.batch_size} per process x {acc.num_processes} processes x {cfg.train.grad_accum} accumulation = {eff} items per step",
+            f"  batch       {cfg.train.batch_size} per process x {acc.num_processes} processes x {cfg.train.grad_accum} accumulation = {eff} items per step"
+            if self.source.kind != "rollout" else
+            f"  batch       {cfg.train.batch_size} prompts per process per rollout; {cfg.experience.rollout.pairs_per_step} kept "
+            f"pairs per process x {acc.num_processes} processes x {cfg.train.grad_accum} accumulation per step",
             f"  schedule    {cfg.train.max_steps} steps = {cfg.train.max_steps * eff / max(n, 1):.2f} epochs; lr {self.lr:g} ({cfg.optim.optimizer}, {cfg.optim.scheduler}, warmup {cfg.optim.warmup_steps})",
             f"  precision   {cfg.train.mixed_precision}; device {acc.device}; output {self.out}",
             f"  speed       {self.speed}",
@@ -374,6 +438,8 @@ class Trainer:
             acc.load_state(str(path))
             if self.ema is not None:
                 ckpt.load_ema(self.ema, path)
+            if hasattr(self.source, "load_state"):
+                self.source.load_state(path)
             state = ckpt.read_state(path)
             self.step, self.micro = state["step"], state["micro"]
             self.counters.update(state["counters"])
@@ -394,7 +460,7 @@ class Trainer:
         last: dict[str, float] = {}
         t0 = time.time()
         try:
-            while self.step < cfg.train.max_steps:
+            while self.step < cfg.train.max_steps and not self._data_done():
                 step_metrics, nonfinite = self._optimizer_step(batches)
                 if nonfinite:
                     self.counters["nonfinite_steps"] += 1
@@ -418,8 +484,10 @@ class Trainer:
                                     | ({"acc": f"{last['implicit_acc']:.2f}"} if "implicit_acc" in last else {}))
                 if cfg.validation.every and self.step % cfg.validation.every == 0:
                     self.validate()
-                if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.max_steps:
+                if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.max_steps or self._data_done():
                     self.save_checkpoint()
+            if window:  # stopped by train.max_epochs between logging steps
+                last = self._log(window, t0)
         finally:
             bar.close()  # an error message starts on its own line, not after the bar
         self.export(last)
@@ -431,16 +499,25 @@ class Trainer:
         accum = cfg.train.grad_accum
         sums: dict[str, float] = {}
         nonfinite = False
-        for i in range(accum):
-            batch = next(batches)
-            micro = self.micro
-            self.micro += 1
-            if batch is None or batch.get("skipped"):
-                self.counters["skipped_items"] += (batch or {}).get("skipped", cfg.train.batch_size)
+        i = 0
+        while i < accum:
+            if self._source_pending():  # experience left from an earlier batch (SPO's kept pairs): no data read
+                batch, micro = {}, None
+            else:
+                batch = next(batches)
+                micro = self.micro
+                self.micro += 1
+                if batch is None or batch.get("skipped"):
+                    self.counters["skipped_items"] += (batch or {}).get("skipped", cfg.train.batch_size)
             sync = acc.no_sync(self.unet) if i < accum - 1 and acc.num_processes > 1 else nullcontext()
             with sync, self._keyed_global_rng(micro):
                 if batch is not None:
-                    loss, metrics = self.compute_loss(self._to_device(batch), micro)
+                    out = self.compute_loss(self._to_device(batch), micro)
+                    if out is None:  # read the next batch for this micro-step (the same on every process)
+                        self._nothing_learned()
+                        continue
+                    self.counters.pop("consecutive_empty", None)
+                    loss, metrics = out
                     ok = torch.isfinite(loss.detach()).float()
                 else:
                     loss, metrics, ok = None, {}, torch.ones((), device=acc.device)
@@ -452,6 +529,7 @@ class Trainer:
                 acc.backward(loss / accum)
             for k, v in ({"loss": loss.detach()} | metrics).items():
                 sums[k] = sums.get(k, 0.0) + float(v) / accum
+            i += 1
         grad_norm = acc.clip_grad_norm_(self.params, cfg.optim.max_grad_norm or math.inf)
         grad_ok = grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)).item())
         if nonfinite or (not grad_ok and cfg.train.mixed_precision != "fp16"):
@@ -488,7 +566,7 @@ class Trainer:
         mean = acc.reduce(local, reduction="mean") if acc.num_processes > 1 else local
         metrics = dict(zip(window, mean.tolist()))
         metrics |= {"step": self.step, "elapsed_s": round(time.time() - t0, 2)}
-        metrics |= {k: v for k, v in self.counters.items() if k != "consecutive_nonfinite"}
+        metrics |= {k: v for k, v in self.counters.items() if not k.startswith("consecutive_")}
         self._check_skip_share()
         acc.log({_tracker_tag(k): v for k, v in metrics.items() if k != "step"}, step=self.step)
         if acc.is_main_process:
@@ -570,6 +648,8 @@ class Trainer:
             ckpt.save_ema(self.ema, tmp)
         self.acc.wait_for_everyone()  # every rank has written its files (RNG states) before the rename
         if self.acc.is_main_process:
+            if hasattr(self.source, "save_state"):  # experience not yet trained on (SPO's kept pairs)
+                self.source.save_state(tmp)
             state = {"step": self.step, "micro": self.micro, "counters": self.counters,
                      "objective": self._objective_state()}  # fmt: skip
             ckpt.finalize(tmp, final, state, self.cfg.checkpoint.keep)
