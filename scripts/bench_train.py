@@ -60,22 +60,24 @@ def _peak_gib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
 
 
+def _timed(step, warmup: int, steps: int, device) -> dict:
+    """Seconds per call of `step` after `warmup` untimed calls, and the process's peak memory."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return {"s_per_step": (time.perf_counter() - t0) / steps, "peak_gib": _peak_gib(device), "device": str(device)}
+
+
 def run_trainer(cfg, warmup: int, steps: int) -> dict:
     from diffalign.training.trainer import Trainer
 
     trainer = Trainer(cfg)
-    speed = trainer.speed
     batches = iter(trainer._loader())
-    for _ in range(warmup):
-        trainer._optimizer_step(batches)
-    device = trainer.acc.device
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        trainer._optimizer_step(batches)
-    _sync(device)
-    return {"s_per_step": (time.perf_counter() - t0) / steps, "peak_gib": _peak_gib(device), "device": str(device),
-            "speed": speed}
+    return _timed(lambda: trainer._optimizer_step(batches), warmup, steps, trainer.acc.device) | {"speed": trainer.speed}
 
 
 def run_diffusers(cfg, warmup: int, steps: int, vae_encode_batch_size: int = 8) -> dict:
@@ -177,15 +179,7 @@ def run_diffusers(cfg, warmup: int, steps: int, vae_encode_batch_size: int = 8) 
         opt.zero_grad()
 
     unet.train()
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    return {"s_per_step": (time.perf_counter() - t0) / steps, "peak_gib": _peak_gib(device), "device": str(device),
-            "speed": "the diffusers SDXL DPO script's step"}
+    return _timed(step, warmup, steps, device) | {"speed": "the diffusers SDXL DPO script's step"}
 
 
 def run_plain(cfg, warmup: int, steps: int) -> dict:
@@ -252,14 +246,7 @@ def run_plain(cfg, warmup: int, steps: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    return {"s_per_step": (time.perf_counter() - t0) / steps, "peak_gib": _peak_gib(device), "device": str(device)}
+    return _timed(step, warmup, steps, device)
 
 
 def child(args) -> None:
