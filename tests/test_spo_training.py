@@ -102,7 +102,8 @@ def test_tiny_spo_recipe_trains_several_steps_per_rollout_and_logs(tmp_path):
 
 
 def test_spo_resume_after_a_crash_mid_rollout_is_exact(tmp_path, monkeypatch):
-    common = dict(train={"batch_size": 2, "max_steps": 6}, checkpoint={"every": 2})
+    # LoRA dropout draws from torch's global RNG, keyed per micro-step; steps 2-3 train on pending pairs
+    common = dict(lora={"rank": 4, "dropout": 0.3}, train={"batch_size": 2, "max_steps": 6}, checkpoint={"every": 2})
     full = run(spo_config(tmp_path / "full", **common))
     part = spo_config(tmp_path / "part", **common)
     resumed = crash_then_resume(part, 3, monkeypatch)

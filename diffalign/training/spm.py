@@ -61,6 +61,11 @@ class SPMTrainer(Trainer):
 
     cfg: SPMConfig
 
+    pushes_to_hub = False  # an SPM config has no hub section
+
+    def _objective_state(self) -> dict:
+        return {"name": "spm"}
+
     def _build(self) -> None:
         from diffalign.backbones import load_backbone
         from diffalign.rewards.spm import build_spm_model, load_spm_weights
