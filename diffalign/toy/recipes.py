@@ -25,7 +25,9 @@ gain (docs/demo.md).
   reference drawn from the run's own checkpoints (every align_steps / 8 steps, theta_0 included), with the
   anchor flip; beta 2000 like dpo. The sample is made with the demo's own sampler (DDIM sample_steps, no
   guidance), a whole micro-batch at a time (sampler.batch_size = pairs per step: faster than 1, and equal
-  to it only up to float rounding, which the demo does not need).
+  to it only up to float rounding, which the demo does not need);
+- spo: SPO online from the Syn-Pic prompts, the toy reward on x0-hat as the step scorer (SPO_ROLLOUT below);
+  its pairs are denoising transitions, 4 per step, not 32 images.
 """
 
 from __future__ import annotations
@@ -136,9 +138,12 @@ def synpic_config(out: str | Path, r: DemoRecipe = DemoRecipe()) -> dict:
 
 
 #: SPO in the toy world: the SD1.5 recipe's resampler (4 candidates, threshold 0.3, one trajectory for the first
-#: 20% of the steps: 2 of 10) on the demo's sampler (DDIM with eta 1, no guidance), 8 prompts per rollout,
-#: pairs_per_step pairs per step, the toy reward on x0-hat as the step scorer (docs/demo.md)
-SPO_ROLLOUT = {"scorer": "toy", "candidates": 4, "divert_start_step": 2, "inner_steps": 0, "threshold": 0.3}
+#: 20% of the steps: 2 of 10) on the demo's sampler (DDIM with eta 1, no guidance), 8 prompts per rollout, 4 kept
+#: pairs per step (a rollout keeps about 12, so it feeds about 3 steps, as the reference's loop trains several
+#: steps on each rollout), the toy reward on x0-hat as the step scorer. Measured against 16 pairs per step (one
+#: step per rollout) in docs/demo.md
+SPO_ROLLOUT = {"scorer": "toy", "candidates": 4, "divert_start_step": 2, "inner_steps": 0, "threshold": 0.3,
+               "pairs_per_step": 4}
 SPO_PROMPTS_PER_ROLLOUT = 8
 
 
@@ -155,11 +160,10 @@ def align_config(method: str, out: str | Path, r: DemoRecipe = DemoRecipe()) -> 
     p = paths(out)
     batch = r.align_images // (r.k if m.data == "lists" else 2)
     online = {}
-    if m.data == "prompts":  # batch = kept transition pairs per step; the rollouts read prompts
+    if m.data == "prompts":  # batch = prompts per rollout
         online = {"experience": {"sampler": {"steps": r.sample_steps, "guidance": r.guidance, "eta": 1.0,
                                              "batch_size": SPO_PROMPTS_PER_ROLLOUT},
-                                 "rollout": SPO_ROLLOUT | {"pairs_per_step": batch,
-                                                           "divert_start_step": min(2, r.sample_steps - 1)}}}
+                                 "rollout": SPO_ROLLOUT | {"divert_start_step": min(2, r.sample_steps - 1)}}}
         batch = min(SPO_PROMPTS_PER_ROLLOUT, len(all_prompts()) * r.groups_per_prompt)
     cfg = {
         "model": {"pretrained": p["base"]},
