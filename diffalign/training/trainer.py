@@ -142,8 +142,13 @@ class Trainer:
         self.micro = 0  # micro-batches consumed (the data position)
         self.counters = {"skipped_items": 0, "nonfinite_steps": 0, "consecutive_nonfinite": 0}
         self.resume = resume
+        self._init_objective()
         self._preflight(overwrite)
         self._build()
+
+    def _init_objective(self) -> None:
+        self.objective = get_objective(self.cfg.objective.name)
+        self.objective_params = self.cfg.objective.params()
 
     def _preflight(self, overwrite: bool) -> None:
         """What can be checked before any model is loaded."""
@@ -178,15 +183,12 @@ class Trainer:
         return self.cfg.hub.push
 
     def _objective_state(self) -> dict:
-        """The objective as trainer_state.json records it; read from the config, so that it is known before
-        _build (preflight compares it with the checkpoint's)."""
-        return {"name": self.cfg.objective.name, **self.cfg.objective.params()}
+        """What a resumed run must share with its checkpoint (another objective only warns)."""
+        return {"name": self.objective.name, **self.objective_params}
 
     # ---- setup ------------------------------------------------------------------------------------
     def _build(self) -> None:
         cfg, acc = self.cfg, self.acc
-        self.objective = get_objective(cfg.objective.name)
-        self.objective_params = cfg.objective.params()
         mc = cfg.model
         self.backbone = bb = load_backbone(mc.pretrained, mc.family, mc.revision, mc.variant, mc.vae, mc.prediction_type)
         unet = bb.denoiser
