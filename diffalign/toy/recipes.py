@@ -140,11 +140,11 @@ def synpic_config(out: str | Path, r: DemoRecipe = DemoRecipe()) -> dict:
 
 
 #: SPO in the toy world: the SD1.5 recipe's resampler (4 candidates, threshold 0.3 in DemoRecipe.spo_threshold,
-#: one trajectory for the first 20% of the steps: 2 of 10) on the demo's sampler (DDIM with eta 1, no guidance),
+#: one trajectory for the first 20% of the steps: 2 of 10, in align_config) on the demo's sampler (DDIM with eta 1, no guidance),
 #: 8 prompts per rollout, 4 kept pairs per step (a rollout keeps about 12, so it feeds about 3 steps, as the
 #: reference's loop trains several steps on each rollout), the toy reward on x0-hat as the step scorer. Measured
 #: against 16 pairs per step (one step per rollout) in docs/demo.md
-SPO_ROLLOUT = {"scorer": "toy", "candidates": 4, "divert_start_step": 2, "inner_steps": 0, "pairs_per_step": 4}
+SPO_ROLLOUT = {"scorer": "toy", "candidates": 4, "inner_steps": 0, "pairs_per_step": 4}
 SPO_PROMPTS_PER_ROLLOUT = 8
 
 
