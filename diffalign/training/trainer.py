@@ -159,19 +159,28 @@ class Trainer:
         self.resume_path = ckpt.find_resume(self.out, self.resume, self._objective_state(), log=self.acc.print)
         preflight.check_extras(cfg)
         preflight.check_model(cfg.model)
-        from diffalign.data import build_preference_dataset
+        if cfg.data.format == "prompts":  # online training (SPO): no usable prompt is an error here
+            from diffalign.data.prompts import build_prompt_dataset
 
-        self.data = build_preference_dataset(cfg.data, seed=cfg.train.seed)
-        if cfg.cache.enabled:  # a cache's items were screened when it was built
-            from diffalign.training.cache import cache_dir_for, verify_cache
-
-            verify_cache(cache_dir_for(cfg))
+            self.data = build_prompt_dataset(cfg.data)
         else:
-            preflight.probe_data(self.data, cfg.data.max_skip_fraction)
-        if cfg.hub.push and self.acc.is_main_process:  # login and repo problems surface now, not after training
+            from diffalign.data import build_preference_dataset
+
+            self.data = build_preference_dataset(cfg.data, seed=cfg.train.seed)
+            if cfg.cache.enabled:  # a cache's items were screened when it was built
+                from diffalign.training.cache import cache_dir_for, verify_cache
+
+                verify_cache(cache_dir_for(cfg))
+            else:
+                preflight.probe_data(self.data, cfg.data.max_skip_fraction)
+        if self.pushes_to_hub and self.acc.is_main_process:  # login and repo problems surface now, not after training
             from diffalign.training.export import hub_repo
 
             hub_repo(self)
+
+    @property
+    def pushes_to_hub(self) -> bool:
+        return self.cfg.hub.push
 
     def _objective_state(self) -> dict:
         """What a resumed run must share with its checkpoint (another objective only warns)."""
@@ -303,11 +312,7 @@ class Trainer:
                              num_training_steps=self.cfg.train.max_steps * n)  # fmt: skip
 
     def _dataset(self):
-        if self.cfg.data.format == "prompts":
-            from diffalign.data.prompts import build_prompt_dataset
-
-            return build_prompt_dataset(self.cfg.data)
-        if self.cfg.cache.enabled:
+        if self.cfg.cache.enabled and self.cfg.data.format != "prompts":
             from diffalign.training.cache import CachedPreferenceDataset, cache_dir_for
 
             return CachedPreferenceDataset(cache_dir_for(self.cfg), self.backbone, self.cfg, data=self.data)
@@ -425,7 +430,10 @@ class Trainer:
             if self.source.kind != "rollout" else
             f"  batch       {cfg.train.batch_size} prompts per process per rollout; {cfg.experience.rollout.pairs_per_step} kept "
             f"pairs per process x {acc.num_processes} processes x {cfg.train.grad_accum} accumulation per step",
-            f"  schedule    {cfg.train.max_steps} steps = {cfg.train.max_steps * eff / max(n, 1):.2f} epochs; lr {self.lr:g} ({cfg.optim.optimizer}, {cfg.optim.scheduler}, warmup {cfg.optim.warmup_steps})",
+            f"  schedule    {cfg.train.max_steps} steps"
+            + (" (epochs: as many as the kept pairs need)" if self.source.kind == "rollout"
+               else f" = {cfg.train.max_steps * eff / max(n, 1):.2f} epochs")
+            + f"; lr {self.lr:g} ({cfg.optim.optimizer}, {cfg.optim.scheduler}, warmup {cfg.optim.warmup_steps})",
             f"  precision   {cfg.train.mixed_precision}; device {acc.device}; output {self.out}",
             f"  speed       {self.speed}",
         ]
@@ -514,7 +522,9 @@ class Trainer:
                 if batch is None or batch.get("skipped"):
                     self.counters["skipped_items"] += (batch or {}).get("skipped", cfg.train.batch_size)
             sync = acc.no_sync(self.unet) if i < accum - 1 and acc.num_processes > 1 else nullcontext()
-            with sync, self._keyed_global_rng(micro):
+            # a micro-step on pending experience reads no data: its draws are keyed on the optimizer step instead
+            key = ("torchrng", micro) if micro is not None else ("pending", self.step * accum + i)
+            with sync, self._keyed_global_rng(*key):
                 if batch is not None:
                     out = self.compute_loss(self._to_device(batch), micro)
                     if out is None:  # read the next batch for this micro-step (the same on every process)
@@ -553,15 +563,15 @@ class Trainer:
         return sums, False
 
     @contextmanager
-    def _keyed_global_rng(self, micro: int):
-        """Inside a micro-batch, torch's global RNG (LoRA dropout draws from it) is seeded from (seed,
+    def _keyed_global_rng(self, stream: str, position: int):
+        """Inside a micro-batch, torch's global RNG (LoRA dropout draws from it) is seeded from (seed, stream,
         micro-step, process) and restored after. Left to run on, it would not survive a resume: the RNG
         states accelerate restores are those of the checkpoint, but starting a DataLoader iterator draws
         its base seed from the global stream, one draw a resumed run makes at another point."""
         acc = self.acc
         devices = [acc.device] if acc.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(stream_seed(self.cfg.train.seed, "torchrng", micro * acc.num_processes + acc.process_index))
+            torch.manual_seed(stream_seed(self.cfg.train.seed, stream, position * acc.num_processes + acc.process_index))
             yield
 
     def _log(self, window: dict[str, list[float]], t0: float) -> dict[str, float]:
@@ -657,7 +667,7 @@ class Trainer:
             state = {"step": self.step, "micro": self.micro, "counters": self.counters,
                      "objective": self._objective_state()}  # fmt: skip
             ckpt.finalize(tmp, final, state, self.cfg.checkpoint.keep)
-            if self.cfg.hub.push:
+            if self.pushes_to_hub:
                 from diffalign.training.export import push_folder
 
                 push_folder(self, final, "last-checkpoint", f"checkpoint at step {self.step}")
