@@ -41,7 +41,7 @@ def validation_grid(trainer, step: int) -> Path | None:
 
         prompts = [p for p in cfg.prompts for _ in cfg.seeds]
         seeds = [s for _ in cfg.prompts for s in cfg.seeds]
-        with trainer.acc.autocast():
+        with trainer.autocast():
             arr = sample_images(bb, denoiser, prompts, seeds, steps=cfg.steps, guidance=cfg.guidance, height=res)
         images = [Image.fromarray(a) for a in arr]
     else:
@@ -52,9 +52,11 @@ def validation_grid(trainer, step: int) -> Path | None:
         for prompt in cfg.prompts:
             for seed in cfg.seeds:
                 g = torch.Generator(device="cpu").manual_seed(seed)
-                with trainer.acc.autocast():
+                with trainer.autocast():
                     images.append(pipe(prompt, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
                                        height=res, width=res, generator=g).images[0])
+    if not trainer.acc.is_main_process:  # sharded weights: every rank sampled, rank 0 writes
+        return None
     grid = image_grid(images, cols=len(cfg.seeds))
     out = trainer.out / "validation" / f"step-{step:07d}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -67,10 +69,11 @@ def validation_grid(trainer, step: int) -> Path | None:
     return out
 
 
-def export_final(trainer, metrics: dict) -> Path:
+def export_final(trainer, metrics: dict, weights: dict | None = None) -> Path:
     """LoRA runs write `pytorch_lora_weights.safetensors` (loadable with `pipe.load_lora_weights(dir)`);
     full runs write a complete diffusers pipeline folder (for pixel-space models the same layout without a
-    VAE, which `load_backbone` reads back)."""
+    VAE, which `load_backbone` reads back). `weights`: the whole trainable (LoRA) or model weights, gathered
+    by every rank when they are sharded (training/distributed.py); None: read them from the model."""
     out = trainer.out / "final"
     out.mkdir(parents=True, exist_ok=True)
     unet = trainer.acc.unwrap_model(trainer.unet)
@@ -79,11 +82,15 @@ def export_final(trainer, metrics: dict) -> Path:
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=weights))
         layers = {k: v.detach().float().contiguous().cpu() for k, v in layers.items()}
         bb.save_lora(out, layers)
         what = "LoRA adapter (diffusers format): `pipe.load_lora_weights(this_folder)`"
     else:
+        if weights is not None:
+            from diffalign.training.distributed import module_with
+
+            unet = module_with(unet, weights)
         if unet.dtype != torch.float32:  # diffusers warns on any dtype cast, even a no-op one
             unet = unet.to(torch.float32)
         bb.save_pretrained(out, unet)
