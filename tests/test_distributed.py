@@ -173,6 +173,8 @@ def test_bundled_accelerate_configs_load_with_accelerates_own_classes(name, monk
             from accelerate.utils import DeepSpeedPlugin
             from accelerate.utils.launch import prepare_deepspeed_cmd_env
 
+            # as accelerate's launch_command does before its DeepSpeed launcher
+            args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
             _, env = prepare_deepspeed_cmd_env(args)
             for key, value in env.items():
                 monkeypatch.setenv(key, value)

@@ -58,6 +58,9 @@ class Backbone:
                  **process_options):  # fmt: skip
         self.denoiser = denoiser
         self.noise_scheduler = noise_scheduler
+        #: the scheduler the model folder names (Euler for SDXL base); pipelines and full exports carry it,
+        #: while training draws its noise from `noise_scheduler` (DDPM-family, as the reference scripts do)
+        self.pipeline_scheduler = noise_scheduler
         self.process: NoiseProcess = make_process(noise_scheduler, prediction_type, **process_options)
         self.source = source
 

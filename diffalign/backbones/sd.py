@@ -133,7 +133,7 @@ class StableDiffusionBackbone(Backbone):
             vae=self.vae,
             text_encoder=self.text_encoder,
             tokenizer=self.tokenizer,
-            scheduler=self.noise_scheduler,
+            scheduler=self.pipeline_scheduler,
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
@@ -186,7 +186,7 @@ class PixelBackbone(StableDiffusionBackbone):
         path = Path(path)
         denoiser = denoiser if denoiser is not None else self.denoiser
         parts = {"unet": denoiser, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer,
-                 "scheduler": self.noise_scheduler}  # fmt: skip
+                 "scheduler": self.pipeline_scheduler}  # fmt: skip
         for name, part in parts.items():
             kw = {"safe_serialization": True} if isinstance(part, nn.Module) else {}
             part.save_pretrained(str(path / name), **kw)
@@ -203,14 +203,20 @@ class PixelBackbone(StableDiffusionBackbone):
 
 def load_components(path, revision=None, variant=None, vae=None, with_vae=True) -> dict:
     """The Stable Diffusion-layout parts of a folder or hub id (unet, scheduler, tokenizer, text_encoder,
-    vae), frozen; `vae` (a path or hub id) replaces the folder's VAE."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    vae), frozen; `vae` (a path or hub id) replaces the folder's VAE. `scheduler` is DDPM over the folder's
+    scheduler config (training noise); `pipeline_scheduler` the class the folder names (export)."""
+    import diffusers
+    from diffusers import AutoencoderKL, DDPMScheduler, SchedulerMixin, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
     kw = dict(revision=revision)
+    scheduler_config = DDPMScheduler.load_config(path, subfolder="scheduler", **kw)
+    own = getattr(diffusers, str(scheduler_config.get("_class_name")), None)  # a diffusers class, never a path
+    own = own if isinstance(own, type) and issubclass(own, SchedulerMixin) else DDPMScheduler
     parts = {
         "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kw),
-        "scheduler": DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
+        "scheduler": DDPMScheduler.from_config(scheduler_config),
+        "pipeline_scheduler": own.from_config(scheduler_config),
         "tokenizer": AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
         "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **kw),
     }
@@ -225,15 +231,19 @@ def load_components(path, revision=None, variant=None, vae=None, with_vae=True) 
 
 def load_sd(path, revision=None, variant=None, vae=None, prediction_type=None) -> StableDiffusionBackbone:
     c = load_components(path, revision, variant, vae)
-    return StableDiffusionBackbone(c["unet"], c["scheduler"], c["text_encoder"], c["tokenizer"], c["vae"],
-                                   prediction_type, source=path)  # fmt: skip
+    bb = StableDiffusionBackbone(c["unet"], c["scheduler"], c["text_encoder"], c["tokenizer"], c["vae"],
+                                 prediction_type, source=path)  # fmt: skip
+    bb.pipeline_scheduler = c["pipeline_scheduler"]
+    return bb
 
 
 def load_pixel(path, revision=None, variant=None, vae=None, prediction_type=None) -> PixelBackbone:
     if vae:
         raise ValueError(f"{path!r} is a pixel-space model; it takes no model.vae")
     c = load_components(path, revision, variant, with_vae=False)
-    return PixelBackbone(c["unet"], c["scheduler"], c["text_encoder"], c["tokenizer"], prediction_type, source=path)
+    bb = PixelBackbone(c["unet"], c["scheduler"], c["text_encoder"], c["tokenizer"], prediction_type, source=path)
+    bb.pipeline_scheduler = c["pipeline_scheduler"]
+    return bb
 
 
 def tiny_sd(prediction_type=None) -> StableDiffusionBackbone:

@@ -45,13 +45,20 @@ def _model_device(model) -> torch.device:
     return device if isinstance(device, torch.device) else next(model.parameters()).device
 
 
+def guided_output(backbone: Backbone, model, x: torch.Tensor, t, cond: Conditioning,
+                  uncond: Conditioning | None = None, guidance: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """The model output a guided step takes: the backbone's (CFG) prediction, made safe by the process."""
+    pred = backbone.guided_prediction(model, x, t, cond, uncond, guidance)
+    if uncond is not None and guidance > 1.0:
+        pred = backbone.process.clip_guided_output(pred)
+    return pred
+
+
 def denoise_step(backbone: Backbone, model, x: torch.Tensor, t, t_prev, cond: Conditioning,
                  uncond: Conditioning | None = None, guidance: float = 1.0, eta: float = 0.0,
                  noise: torch.Tensor | None = None) -> StepResult:  # fmt: skip
     """One guided step x_t -> x_prev: the backbone's (CFG) prediction, then the process's step."""
-    pred = backbone.guided_prediction(model, x, t, cond, uncond, guidance)
-    if uncond is not None and guidance > 1.0:
-        pred = backbone.process.clip_guided_output(pred)
+    pred = guided_output(backbone, model, x, t, cond, uncond, guidance)
     return backbone.process.step(pred, t, t_prev, x, eta, noise)
 
 
@@ -66,6 +73,18 @@ def transition_log_prob(backbone: Backbone, model, x: torch.Tensor, x_prev: torc
     if not bool((torch.as_tensor(step.std) > 0).all()):
         raise ValueError(f"the step at t={t} has zero variance (deterministic); it has no transition density")
     return gaussian_log_prob(x_prev, step.mean, step.std)
+
+
+def sampling_conditions(backbone: Backbone, prompts: Sequence[str], height: int, width: int, guidance: float,
+                        device, dtype) -> tuple[Conditioning, Conditioning | None]:  # fmt: skip
+    """(cond, uncond) for generating one image per prompt at height x width: the prompts' text conditioning and,
+    with guidance > 1, the empty prompt's (classifier-free guidance), each with the sampler's micro-conditioning."""
+    n = len(prompts)
+    micro = {k: v.to(device) for k, v in backbone.sampling_conditioning(n, height, width).items()}
+    cond = {k: v.to(device, dtype) for k, v in backbone.encode_text(list(prompts)).items()} | micro
+    if guidance <= 1.0:
+        return cond, None
+    return cond, {k: v.to(device, dtype) for k, v in backbone.empty_conditioning(n).items()} | micro
 
 
 @dataclass
@@ -109,13 +128,7 @@ def sample(backbone: Backbone, model, prompts: Sequence[str], seeds: Sequence[in
     out = []
     for start in range(0, len(prompts), batch_size):
         ps, ss = list(prompts[start : start + batch_size]), seeds[start : start + batch_size]
-        n = len(ps)
-        cond = {k: v.to(device, dtype) for k, v in backbone.encode_text(ps).items()}
-        cond |= {k: v.to(device) for k, v in backbone.sampling_conditioning(n, height, width).items()}
-        uncond = None
-        if guidance > 1.0:
-            uncond = {k: v.to(device, dtype) for k, v in backbone.empty_conditioning(n).items()}
-            uncond |= {k: v.to(device) for k, v in backbone.sampling_conditioning(n, height, width).items()}
+        cond, uncond = sampling_conditions(backbone, ps, height, width, guidance, device, dtype)
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in ss]
         x = initial_noise(ss, shape, device, dtype, generators=gens) * process.init_noise_sigma
         if traj is not None:

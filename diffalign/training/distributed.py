@@ -110,9 +110,12 @@ def check(acc, cfg) -> None:
     if s in SHARDED and cfg.train.ema_decay:
         raise ConfigError(f"train.ema_decay is not supported under {describe(acc)} (the EMA copy would hold only "
                           "this rank's shards); use DDP or ZeRO-2, or set train.ema_decay=0")  # fmt: skip
-    if s in SHARDED and cfg.experience_source() == "generated":
-        raise ConfigError(f"experience.source=generated is not supported under {describe(acc)} (sampling "
-                          "through sharded weights needs every rank in step); use DDP or ZeRO-2")  # fmt: skip
+    if s in SHARDED and cfg.experience_source() in ("generated", "rollout"):
+        raise ConfigError(f"experience.source={cfg.experience_source()} is not supported under {describe(acc)} "
+                          "(sampling through sharded weights needs every rank in step); use DDP or ZeRO-2")  # fmt: skip
+    if s != "single" and s != "ddp" and cfg.reference_kind() == "pool":
+        raise ConfigError(f"train.reference=pool is not supported under {describe(acc)} (the pool loads adapters "
+                          "into the unsharded module); use DDP")  # fmt: skip
     if s in SHARDED and cfg.train.compile:
         raise ConfigError(f"train.compile is not supported under {describe(acc)} in diffalign; set "
                           "train.compile=false")  # fmt: skip
