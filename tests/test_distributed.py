@@ -16,6 +16,10 @@ from tests.helpers import assert_states_close, launch, logged, run, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = ("ddp", "fsdp", "zero2", "zero3")
+# as in test_training's 2-process test: Adam's first update is lr * g / (|g| + eps), so with the default eps a
+# gradient entry near 1e-8 turns float rounding of the cross-process reduction into a visible weight change;
+# a larger eps keeps the comparisons about the gradients
+ADAM = {"lr": 1e-3, "adam_eps": 1e-4}
 
 try:
     import deepspeed  # noqa: F401
@@ -66,9 +70,7 @@ def test_fsdp_two_processes_equal_one_process_resume_and_export_a_lora(tmp_path)
     """FSDP2 (configs/accelerate/fsdp.yaml) on two CPU processes: killed after step 1, resumed from its
     sharded checkpoint, it ends where one process with the double batch ends, and its LoRA loads in
     diffusers."""
-    # lr 1e-4: Adam's update lr * g / (|g| + eps) turns float rounding in near-zero gradient entries into up to
-    # +-lr per step, and two steps are compared
-    common = dict(train={"max_steps": 2}, checkpoint={"every": 1, "keep": 5}, optim={"lr": 1e-4})
+    common = dict(train={"max_steps": 2}, checkpoint={"every": 1, "keep": 5}, optim=ADAM)
     one = tiny_config(tmp_path / "one", **{**common, "train": {"batch_size": 2, "max_steps": 2}})
     run(one)
     two = tiny_config(tmp_path / "fsdp", **{**common, "train": {"batch_size": 1, "max_steps": 2}})
@@ -96,7 +98,7 @@ def test_fsdp_two_processes_equal_one_process_resume_and_export_a_lora(tmp_path)
 def test_fsdp_full_finetune_shards_the_reference_and_exports_a_pipeline(tmp_path):
     """Full fine-tuning under FSDP2: the frozen reference is sharded too, the whole model is gathered by
     both ranks for the export (rank 0 writes), and the weights equal one process with the double batch."""
-    common = dict(lora=None, optim={"lr": 1e-4})
+    common = dict(lora=None, optim={**ADAM, "lr": 1e-4})
     one = run(tiny_config(tmp_path / "one", train={"batch_size": 2, "max_steps": 1}, **common))
     two = tiny_config(tmp_path / "fsdp", train={"batch_size": 1, "max_steps": 1}, **common)
     out = launch(two, 2, tmp_path, accelerate_config="fsdp")
@@ -113,7 +115,7 @@ def test_fsdp_full_finetune_shards_the_reference_and_exports_a_pipeline(tmp_path
 def test_deepspeed_zero2_lora_equals_one_process_and_resumes(tmp_path):
     """ZeRO-2 (configs/accelerate/zero2.yaml, DeepSpeed's CPU accelerator over gloo): DeepSpeed owns
     accumulation and the step; a LoRA checkpoint holds the trainable weights only and resumes."""
-    common = dict(checkpoint={"every": 1, "keep": 5}, optim={"lr": 1e-4})  # lr: see the FSDP test
+    common = dict(checkpoint={"every": 1, "keep": 5}, optim=ADAM)
     one = tiny_config(tmp_path / "one", train={"batch_size": 2, "grad_accum": 2, "max_steps": 2}, **common)
     run(one)
     two = tiny_config(tmp_path / "zero2", train={"batch_size": 1, "grad_accum": 2, "max_steps": 2}, **common)
@@ -128,7 +130,7 @@ def test_deepspeed_zero2_lora_equals_one_process_and_resumes(tmp_path):
 @pytest.mark.slow
 def test_deepspeed_zero3_full_finetune_equals_one_process(tmp_path):
     """ZeRO-3: policy sharded, the frozen reference its own ZeRO-3 engine, the export gathers the weights."""
-    common = dict(lora=None, optim={"lr": 1e-4})
+    common = dict(lora=None, optim={**ADAM, "lr": 1e-4})
     one = run(tiny_config(tmp_path / "one", train={"batch_size": 2, "max_steps": 1}, **common))
     two = tiny_config(tmp_path / "zero3", train={"batch_size": 1, "max_steps": 1}, **common)
     out = launch(two, 2, tmp_path, accelerate_config="zero3")

@@ -226,9 +226,9 @@ def full_state_dict(acc, model: nn.Module) -> dict[str, torch.Tensor] | None:
 
 def module_with(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """A plain (unsharded, CPU) copy of a diffusers model holding `state`, for saving with save_pretrained."""
-    cls = type(model)
-    while cls.__name__.startswith("FSDP") and len(cls.__mro__) > 2:  # FSDP2 subclasses the model's class
-        cls = cls.__mro__[1]
+    # FSDP2 swaps the model's class for FSDP<Name>(FSDPModule, <Name>): the model's own class is the first
+    # diffusers class in the MRO
+    cls = next(c for c in type(model).__mro__ if hasattr(c, "from_config") and not c.__name__.startswith("FSDP"))
     plain = cls.from_config(model.config)
     plain.load_state_dict({k: v.float().cpu() for k, v in state.items()}, strict=True)
     return plain
