@@ -51,8 +51,11 @@ class GlobalBatchSampler:
     Global batch m is positions [p*G, (p+1)*G) of the permutation of epoch e, where (e, p) = divmod(m, P),
     P = floor(N / G) batches per epoch (the incomplete tail is dropped), G = batch_size * world_size."""
 
-    def __init__(self, n_items: int, batch_size: int, world_size: int, rank: int, seed: int, start: int = 0):
+    def __init__(self, n_items: int, batch_size: int, world_size: int, rank: int, seed: int, start: int = 0,
+                 order=None):
         self.n, self.b, self.world, self.rank, self.seed, self.start = n_items, batch_size, world_size, rank, seed, start
+        #: epoch -> the permutation of that epoch (data.streaming: diffalign.data.stream); None: torch.randperm
+        self.order = order
         self.global_batch = batch_size * world_size
         self.per_epoch = n_items // self.global_batch
         if self.per_epoch == 0:
@@ -70,7 +73,8 @@ class GlobalBatchSampler:
         while True:
             epoch, pos = divmod(micro, self.per_epoch)
             if epoch != perm_epoch:
-                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1009 + epoch))
+                perm = self.order(epoch) if self.order is not None else \
+                    torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1009 + epoch))
                 perm_epoch = epoch
             glob = perm[pos * self.global_batch : (pos + 1) * self.global_batch]
             yield [(int(i), epoch) for i in glob[self.rank * self.b : (self.rank + 1) * self.b]]
@@ -376,8 +380,13 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------------
     def _loader(self):
+        order = None
+        if self.cfg.data.streaming:
+            from diffalign.data.stream import stream_order
+
+            order = stream_order(self.dataset, self.cfg.train.seed)
         sampler = GlobalBatchSampler(len(self.dataset), self.cfg.train.batch_size, self.acc.num_processes,
-                                     self.acc.process_index, self.cfg.train.seed, start=self.micro)
+                                     self.acc.process_index, self.cfg.train.seed, start=self.micro, order=order)
         from diffalign.data import collate_preference
 
         self.sampler = sampler
