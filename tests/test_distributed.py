@@ -201,3 +201,22 @@ def test_fsdp_asked_but_not_granted_is_refused(tmp_path):
     finally:
         mp.undo()
         AcceleratorState._reset_state(True)
+
+
+def test_the_documented_multi_machine_launch_passes_accelerates_validation():
+    """The two-machine command of docs/scaling.md, as accelerate's launcher parses and validates it."""
+    import re
+    import shlex
+
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    doc = (ROOT / "docs" / "scaling.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", doc, re.S) if "--num_machines" in b)
+    command = " ".join(line.split("#")[0].rstrip().rstrip("\\") for line in block.splitlines())
+    argv = shlex.split(command)
+    assert argv[:2] == ["accelerate", "launch"]
+    args = launch_command_parser().parse_args([a.replace("CONFIG", "x.yaml") for a in argv[2:]])
+    args.config_file = str(ROOT / args.config_file)
+    args, _, _ = _validate_launch_command(args)
+    assert (args.num_machines, args.num_processes, args.machine_rank) == (2, 16, 0)
+    assert args.main_process_ip == "10.0.0.1" and args.use_fsdp and args.module

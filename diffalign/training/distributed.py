@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from diffalign.configio import ConfigError
+from diffalign.errors import require
 
 SHARDED = ("fsdp", "zero3")
 
@@ -47,11 +48,7 @@ def make_accelerator(cfg):
     device = torch.cuda.is_available() or torch.backends.mps.is_available()
     deepspeed = _env_flag("ACCELERATE_USE_DEEPSPEED")
     if deepspeed:
-        try:
-            import deepspeed as _  # noqa: F401
-        except ImportError as err:
-            raise ImportError("accelerate's config asks for DeepSpeed, which is not installed: "
-                              "pip install 'diffalign[deepspeed]'") from err
+        require("deepspeed", "deepspeed", "accelerate's DeepSpeed config")
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
     if launched and launched != cfg.train.mixed_precision and int(os.environ.get("RANK", "0")) == 0:
         print(f"diffalign train: accelerate's config says mixed_precision={launched}; train.mixed_precision="
