@@ -103,11 +103,7 @@ def test_fsdp_full_finetune_shards_the_reference_and_exports_a_pipeline(tmp_path
     two = tiny_config(tmp_path / "fsdp", train={"batch_size": 1, "max_steps": 1}, **common)
     out = launch(two, 2, tmp_path, accelerate_config="fsdp")
     assert "reference: frozen_copy" in out and "FSDP2" in out
-    from diffusers import DiffusionPipeline
-
-    reloaded = DiffusionPipeline.from_pretrained(str(Path(two["output_dir"]) / "final")).unet.state_dict()
-    mine = one.acc.unwrap_model(one.unet).state_dict()
-    assert_states_close(mine, reloaded, atol=1e-6, rtol=0)
+    assert_full_export_equals(one, two)
 
 
 @needs_deepspeed
@@ -129,16 +125,28 @@ def test_deepspeed_zero2_lora_equals_one_process_and_resumes(tmp_path):
 @needs_deepspeed
 @pytest.mark.slow
 def test_deepspeed_zero3_full_finetune_equals_one_process(tmp_path):
-    """ZeRO-3: policy sharded, the frozen reference its own ZeRO-3 engine, the export gathers the weights."""
-    common = dict(lora=None, optim={**ADAM, "lr": 1e-4})
+    """ZeRO-3: policy sharded, the frozen reference its own ZeRO-3 engine, the export gathers the weights.
+    adam_eps 1e-3: with 1e-4, one of 55,296 entries of a conv weight ended 1.2e-6 off (measured), Adam's
+    first update lr * g / (|g| + eps) amplifying the rounding of a gradient entry near eps."""
+    common = dict(lora=None, optim={**ADAM, "lr": 1e-4, "adam_eps": 1e-3})
     one = run(tiny_config(tmp_path / "one", train={"batch_size": 2, "max_steps": 1}, **common))
     two = tiny_config(tmp_path / "zero3", train={"batch_size": 1, "max_steps": 1}, **common)
     out = launch(two, 2, tmp_path, accelerate_config="zero3")
     assert "ZeRO-3" in out and "reference: frozen_copy" in out
+    assert_full_export_equals(one, two)
+
+
+def assert_full_export_equals(one, two: dict) -> None:
+    """The exported pipeline of run `two` holds the weights of the in-process run `one`, which moved off the
+    initial weights by far more than the tolerance (so an export of the initial weights fails)."""
     from diffusers import DiffusionPipeline
+
+    from diffalign.backbones import load_backbone
 
     reloaded = DiffusionPipeline.from_pretrained(str(Path(two["output_dir"]) / "final")).unet.state_dict()
     mine = one.acc.unwrap_model(one.unet).state_dict()
+    initial = load_backbone("tiny:sd").denoiser.state_dict()
+    assert max((mine[k] - initial[k]).abs().max().item() for k in mine) > 1e-5
     assert_states_close(mine, reloaded, atol=1e-6, rtol=0)
 
 
