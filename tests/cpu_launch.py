@@ -8,6 +8,9 @@
   is accelerate's and diffalign's own code, as on GPUs.
 - DIFFALIGN_TEST_CRASH_AT_STEP=n: the process dies when n optimizer steps are done (as a kill would), so a
   test can resume from the last checkpoint.
+- DIFFALIGN_TEST_SLOW_RANK=r:where: rank r is slow (0.5 s) at each checkpoint, where = `enter` (on entering
+  save_checkpoint, before anything is written) or `write` (before writing its files with save_state): the
+  orders a fast machine rarely shows, which the barriers must make harmless.
 
 Tests only; nothing in diffalign imports it.
 """
@@ -49,10 +52,31 @@ def _crash_at(step: int) -> None:
     Trainer._optimizer_step = crashing
 
 
+def _slow_rank(rank: int, where: str) -> None:
+    import time
+
+    from accelerate import Accelerator
+
+    from diffalign.training.trainer import Trainer
+
+    owner, name = (Trainer, "save_checkpoint") if where == "enter" else (Accelerator, "save_state")
+    original = getattr(owner, name)
+
+    def slow(self, *args, **kwargs):
+        if int(os.environ.get("RANK", "0")) == rank:
+            time.sleep(0.5)
+        return original(self, *args, **kwargs)
+
+    setattr(owner, name, slow)
+
+
 if __name__ == "__main__":
     _fsdp_on_cpu()
     if os.environ.get("DIFFALIGN_TEST_CRASH_AT_STEP"):
         _crash_at(int(os.environ["DIFFALIGN_TEST_CRASH_AT_STEP"]))
+    if os.environ.get("DIFFALIGN_TEST_SLOW_RANK"):
+        rank, where = os.environ["DIFFALIGN_TEST_SLOW_RANK"].split(":")
+        _slow_rank(int(rank), where)
     from diffalign.cli import main
 
     sys.exit(main(sys.argv[1:]))

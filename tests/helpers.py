@@ -77,8 +77,8 @@ def launch(cfg_dict: dict, nproc: int, workdir, accelerate_config: str | None = 
            expect_fail: bool = False, resume: str | None = None) -> str:
     """Run `diffalign train` on a config in `nproc` processes: with torchrun (a real gloo DDP group on CPU;
     accelerate's `launch --cpu` would start one process), or with `accelerate launch --config_file
-    configs/accelerate/<accelerate_config>.yaml` through tests/cpu_launch.py (FSDP and DeepSpeed on CPU).
-    Returns stdout; fails the test with the failing rank's own traceback (or, with expect_fail, when the run
+    configs/accelerate/<accelerate_config>.yaml`; with `env` or an accelerate config the entry point is
+    tests/cpu_launch.py (FSDP and DeepSpeed on CPU, and the test hooks `env` switches on). Returns stdout; fails the test with the failing rank's own traceback (or, with expect_fail, when the run
     does not fail)."""
     import os
     import subprocess
@@ -92,11 +92,12 @@ def launch(cfg_dict: dict, nproc: int, workdir, accelerate_config: str | None = 
     path = Path(workdir) / f"{Path(cfg_dict['output_dir']).name}-{nproc}.yaml"
     path.write_text(yaml.safe_dump(cfg_dict))
     pythonpath = os.pathsep.join([str(root)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    module = "tests.cpu_launch" if env or accelerate_config else "diffalign"
     env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1", **(env or {})}
     args = ["train", str(path)] + (["--resume", resume] if resume else [])
     if accelerate_config is None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "diffalign", *args]  # fmt: skip
+               "-m", module, *args]  # fmt: skip
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(root / "configs" / "accelerate" / f"{accelerate_config}.yaml"), "--num_processes", str(nproc),

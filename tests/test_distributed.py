@@ -53,11 +53,13 @@ def assert_complete(cfg: dict, nproc: int, expected_files: set[str]) -> list[str
 @pytest.mark.slow
 def test_two_process_checkpoints_every_step_are_always_complete(tmp_path):
     """Every rank's LoRA hook once wrote into step-N.tmp while rank 0 renamed it (3 of 7 launches of the tiny
-    recipe died at the first checkpoint). Two launches x four checkpoints, each checked whole."""
-    for attempt in range(2):
+    recipe died at the first checkpoint). Two launches x four checkpoints, each checked whole: in one rank 1
+    writes its files late (rank 0 must not rename before it has), in the other rank 0 arrives late (its
+    clearing of a stale step-N.tmp must not delete what rank 1 wrote)."""
+    for attempt, slow in enumerate(("1:write", "0:enter")):
         cfg = tiny_config(tmp_path / f"r{attempt}", train={"batch_size": 1, "max_steps": 4},
                           checkpoint={"every": 1, "keep": 10})  # fmt: skip
-        launch(cfg, 2, tmp_path)
+        launch(cfg, 2, tmp_path, env={"DIFFALIGN_TEST_SLOW_RANK": slow})
         names = assert_complete(cfg, 2, {"trainer_state.json", "lora_0.safetensors", "optimizer.bin",
                                          "scheduler.bin"})  # fmt: skip
         assert names == [f"step-{s:07d}" for s in (1, 2, 3, 4)]
