@@ -230,3 +230,24 @@ def test_the_documented_multi_machine_launch_passes_accelerates_validation():
     args, _, _ = _validate_launch_command(args)
     assert (args.num_machines, args.num_processes, args.machine_rank) == (2, 16, 0)
     assert args.main_process_ip == "10.0.0.1" and args.use_fsdp and args.module
+
+
+def test_accumulation_counts_micro_steps_not_batches_read(tmp_path, monkeypatch):
+    """A batch with nothing to learn (SPO: no kept pair) is read again for the same micro-step. accelerate
+    decides the sync (and whether the prepared optimizer steps at all) from how many micro-batches it has
+    entered, so that count must follow the micro-steps: here every step's first batch is empty, and each of
+    the 3 steps must still be an optimizer step."""
+    from diffalign.training.trainer import Trainer
+
+    original = Trainer.compute_loss
+    calls = {"n": 0}
+
+    def every_third_empty(self, batch, micro):
+        calls["n"] += 1
+        return None if calls["n"] % 3 == 1 else original(self, batch, micro)
+
+    monkeypatch.setattr(Trainer, "compute_loss", every_third_empty)
+    trainer = run(tiny_config(tmp_path, train={"batch_size": 1, "grad_accum": 2, "max_steps": 3}))
+    assert trainer.counters["empty_batches"] == 3
+    steps = {int(s["step"]) for s in trainer.optimizer.optimizer.state.values()}
+    assert steps == {3}  # AdamW stepped once per optimizer step
