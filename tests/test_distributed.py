@@ -69,13 +69,13 @@ def test_two_process_checkpoints_every_step_are_always_complete(tmp_path):
 
 @pytest.mark.slow
 def test_fsdp_two_processes_equal_one_process_resume_and_export_a_lora(tmp_path):
-    """FSDP2 (configs/accelerate/fsdp.yaml) on two CPU processes: killed after step 1, resumed from its
-    sharded checkpoint, it ends where one process with the double batch ends, and its LoRA loads in
-    diffusers."""
-    common = dict(train={"max_steps": 2}, checkpoint={"every": 1, "keep": 5}, optim=ADAM)
-    one = tiny_config(tmp_path / "one", **{**common, "train": {"batch_size": 2, "max_steps": 2}})
+    """FSDP2 (configs/accelerate/fsdp.yaml) on two CPU processes, 2 micro-batches accumulated through
+    accelerate.accumulate: killed after step 1, resumed from its sharded checkpoint, it ends where one
+    process with the double batch ends, and its LoRA loads in diffusers."""
+    common = dict(checkpoint={"every": 1, "keep": 5}, optim=ADAM)
+    one = tiny_config(tmp_path / "one", train={"batch_size": 2, "grad_accum": 2, "max_steps": 2}, **common)
     run(one)
-    two = tiny_config(tmp_path / "fsdp", **{**common, "train": {"batch_size": 1, "max_steps": 2}})
+    two = tiny_config(tmp_path / "fsdp", train={"batch_size": 1, "grad_accum": 2, "max_steps": 2}, **common)
     launch(two, 2, tmp_path, accelerate_config="fsdp", env={"DIFFALIGN_TEST_CRASH_AT_STEP": "1"}, expect_fail=True)
     assert_complete(two, 2, {"trainer_state.json", "pytorch_model_fsdp_0", "optimizer_0", "scheduler.bin"})
     out = launch(two, 2, tmp_path, accelerate_config="fsdp", resume="latest")
