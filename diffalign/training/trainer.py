@@ -134,10 +134,13 @@ class Trainer:
         self.micro = 0  # micro-batches consumed (the data position)
         self.counters = {"skipped_items": 0, "nonfinite_steps": 0, "consecutive_nonfinite": 0}
         self.resume = resume
-        self.objective = get_objective(cfg.objective.name)  # before the preflight: a resume checks it
-        self.objective_params = cfg.objective.params()
+        self._init_objective()
         self._preflight(overwrite)
         self._build()
+
+    def _init_objective(self) -> None:
+        self.objective = get_objective(self.cfg.objective.name)
+        self.objective_params = self.cfg.objective.params()
 
     def _preflight(self, overwrite: bool) -> None:
         """What can be checked before any model is loaded."""
@@ -163,6 +166,7 @@ class Trainer:
             hub_repo(self)
 
     def _objective_state(self) -> dict:
+        """What a resumed run must share with its checkpoint (another objective only warns)."""
         return {"name": self.objective.name, **self.objective_params}
 
     # ---- setup ------------------------------------------------------------------------------------
