@@ -251,3 +251,22 @@ def test_accumulation_counts_micro_steps_not_batches_read(tmp_path, monkeypatch)
     assert trainer.counters["empty_batches"] == 3
     steps = {int(s["step"]) for s in trainer.optimizer.optimizer.state.values()}
     assert steps == {3}  # AdamW stepped once per optimizer step
+
+
+@pytest.mark.parametrize("pretrained", ["tiny:sd", "tiny:sdxl"])
+def test_a_rank_without_a_usable_item_runs_the_forward_passes_on_a_placeholder(tmp_path, pretrained):
+    """Under FSDP / ZeRO-3 every forward is a collective, so a rank whose micro-batch held no usable item
+    runs the policy and reference on a placeholder item: a finite zero loss whose backward reaches every
+    trainable parameter with a zero gradient, and which ran the denoiser (counted forwards)."""
+    from diffalign.config import load_config
+    from diffalign.training.trainer import Trainer
+
+    trainer = Trainer(load_config(tiny_config(tmp_path, model={"pretrained": pretrained})))
+    calls = []
+    hook = trainer.backbone.denoiser.register_forward_hook(lambda *a: calls.append(1))
+    loss = trainer._zero_loss()
+    hook.remove()
+    assert len(calls) == 2  # policy and reference (adapters off)
+    assert torch.isfinite(loss) and loss.item() == 0
+    loss.backward()
+    assert all(p.grad is not None and not p.grad.any() for p in trainer.params)
