@@ -315,6 +315,9 @@ class Config(_Section):
         if obj.needs_reference and self.reference_kind() == "precomputed" and source != "offline":
             raise ValueError(f"train.reference=precomputed: {source} experience is sampled during training, so its "
                              "reference energies cannot be computed ahead; use train.reference=auto")  # fmt: skip
+        if self.data.streaming and (self.cache.enabled or source == "rollout"):
+            raise ValueError("data.streaming reads images from parquet row groups; it applies neither to the latent "
+                             "cache (set cache.enabled: false) nor to prompt data")  # fmt: skip
         if obj.needs_reference and self.reference_kind() == "pool" and self.pool_every() % self.checkpoint.every:
             raise ValueError(f"train.pool.every={self.pool_every()} must be a multiple of checkpoint.every="
                              f"{self.checkpoint.every}: pool members are read from saved checkpoints")  # fmt: skip

@@ -26,13 +26,13 @@ from torch.utils.data import DataLoader
 from diffalign.atomic import atomic_path, write_atomic
 from diffalign.configio import ConfigError
 from diffalign.errors import cli_entry
+from diffalign.training.distributed import make_accelerator
 from diffalign.training.experience import OfflineSource, candidate_noise
 from diffalign.training.reference import ENERGIES_FILE, MANIFEST_FILE, energies_dir, energies_fingerprint
 from diffalign.training.trainer import (
-    GlobalBatchSampler,
     _EpochIndexed,
+    batch_sampler,
     kernels_wanted,
-    make_accelerator,
     training_dataset,
 )
 
@@ -103,7 +103,7 @@ def build_reference_energies(cfg, processes: int = 1, batch: int = 16, extra_mic
                            candidates=obj.candidates, per_candidate_noise=candidate_noise(obj.validate(cfg.objective.params())),
                            fused_energy=fused)  # fmt: skip
     collate = getattr(ds, "collate", collate_preference)
-    loaders = [iter(DataLoader(_EpochIndexed(ds), batch_sampler=GlobalBatchSampler(len(ds), b, processes, r, seed),
+    loaders = [iter(DataLoader(_EpochIndexed(ds), batch_sampler=batch_sampler(cfg, ds, processes, r),
                                collate_fn=collate)) for r in range(processes)]  # fmt: skip
     table: torch.Tensor | None = None
     keys: list[str | None] = [None] * (n_micro * G)

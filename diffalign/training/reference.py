@@ -378,8 +378,8 @@ class PrecomputedReference(Reference):
 
     def energies(self, exp, policy) -> torch.Tensor:
         where = self.folder / MANIFEST_FILE
-        if exp.positions is None:
-            raise ValueError("train.reference=precomputed serves offline experience only")
+        if exp.positions is None:  # the placeholder item of a rank with nothing usable: its loss is zeroed
+            return torch.zeros_like(exp.phi)
         if max(exp.positions) >= len(self.table):
             raise ReferenceEnergiesMismatch(f"{where} covers stream positions below {len(self.table)} and this run reached "
                                             f"{max(exp.positions)} (skipped steps read extra batches); recompute with "

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from diffalign.config import SPMConfig
+from diffalign.errors import cli_entry
 from diffalign.training.reference import Reference
 from diffalign.training.trainer import Trainer
 
@@ -61,6 +62,14 @@ class SPMTrainer(Trainer):
 
     cfg: SPMConfig
 
+    pushes_to_hub = False  # an SPM config has no hub section
+
+    def _init_objective(self) -> None:
+        self.objective, self.objective_params = None, {}
+
+    def _objective_state(self) -> dict:
+        return {"name": "spm"}
+
     def _build(self) -> None:
         from diffalign.backbones import load_backbone
         from diffalign.rewards.spm import build_spm_model, load_spm_weights
@@ -87,7 +96,6 @@ class SPMTrainer(Trainer):
             self.relabeler = create_scorer("pickscore", model=sc.clip, processor=sc.processor, tiny=sc.tiny,
                                            seed=cfg.train.seed, device=acc.device)  # fmt: skip
         self.reference = Reference()
-        self.objective = None
         self.params = [p for p in spm.parameters() if p.requires_grad]
         self.dataset = self._dataset()
         self.global_batch = cfg.train.batch_size * acc.num_processes
@@ -201,6 +209,7 @@ class SPMTrainer(Trainer):
         return final
 
 
+@cli_entry("diffalign train-spm")
 def main(argv: list[str] | None = None) -> int:
     from diffalign.config import load_spm_config
     from diffalign.training.cli import run_command
