@@ -197,14 +197,20 @@ class PixelBackbone(StableDiffusionBackbone):
 
 def load_components(path, revision=None, variant=None, vae=None, with_vae=True) -> dict:
     """The Stable Diffusion-layout parts of a folder or hub id (unet, scheduler, tokenizer, text_encoder,
-    vae), frozen; `vae` (a path or hub id) replaces the folder's VAE."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    vae), frozen; `vae` (a path or hub id) replaces the folder's VAE. The scheduler is read as a
+    DDPMScheduler (the training schedule), or as FlowMatchEulerDiscreteScheduler when the folder's is a
+    flow-matching one (the flow toy)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
+    from diffalign.backbones.processes import is_flow_scheduler
+
     kw = dict(revision=revision)
+    flow = is_flow_scheduler(DDPMScheduler.load_config(path, subfolder="scheduler", **kw))
     parts = {
         "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kw),
-        "scheduler": DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
+        "scheduler": (FlowMatchEulerDiscreteScheduler if flow else DDPMScheduler).from_pretrained(
+            path, subfolder="scheduler", **kw),
         "tokenizer": AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
         "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **kw),
     }

@@ -102,7 +102,7 @@ def sample(backbone: Backbone, model, prompts: Sequence[str], seeds: Sequence[in
     width = width or height
     shape = backbone.latent_shape(height, width)
     process = backbone.process
-    schedule = process.schedule(steps, **(schedule_kwargs or {}))
+    schedule = process.schedule(steps, **(backbone.schedule_kwargs(height, width, steps) | (schedule_kwargs or {})))
     if trajectory and len(prompts) > batch_size:
         raise ValueError("trajectory=True needs all prompts in one batch (batch_size >= len(prompts))")
     traj = Trajectory() if trajectory else None
@@ -113,7 +113,7 @@ def sample(backbone: Backbone, model, prompts: Sequence[str], seeds: Sequence[in
         cond = {k: v.to(device, dtype) for k, v in backbone.encode_text(ps).items()}
         cond |= {k: v.to(device) for k, v in backbone.sampling_conditioning(n, height, width).items()}
         uncond = None
-        if guidance > 1.0:
+        if guidance > 1.0 and backbone.classifier_free_guidance:
             uncond = {k: v.to(device, dtype) for k, v in backbone.empty_conditioning(n).items()}
             uncond |= {k: v.to(device) for k, v in backbone.sampling_conditioning(n, height, width).items()}
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in ss]

@@ -72,7 +72,8 @@ def item_noise(process: NoiseProcess, seed: int, positions: list[int], k: int, s
 
 def mse_energy(backbone: Backbone, model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                cond: Conditioning) -> torch.Tensor:  # fmt: skip
-    """Per-candidate denoising error: mean over the latent dimensions of (prediction - target)^2.
+    """Per-candidate denoising error: mean over the latent dimensions of (prediction - target)^2 (the
+    process's target and loss output: epsilon / v / x0 for DDPM, the velocity for flow matching).
 
     x0 [B, K, ...]; noise [B, ...] shared by an item's K candidates, or [B, K, ...] one per candidate;
     t [B] shared; cond holds B*K rows in item-major order. Returns [B, K] in float32."""
@@ -86,7 +87,7 @@ def mse_energy(backbone: Backbone, model, x0: torch.Tensor, noise: torch.Tensor,
     process = backbone.process
     noisy = process.add_noise(x0_flat, noise_flat, t_flat)
     target = process.target(x0_flat, noise_flat, t_flat)
-    pred = backbone.predict(model, noisy, t_flat, cond)
+    pred = process.loss_output(backbone.predict(model, noisy, t_flat, cond), noisy, t_flat)
     err = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.dim())))
     return err.view(B, K)
 

@@ -47,7 +47,8 @@ def validation_grid(trainer, step: int) -> Path | None:
     else:
         from diffusers import DDIMScheduler
 
-        pipe.scheduler = DDIMScheduler.from_config(bb.noise_scheduler.config)
+        if bb.process.kind == "ddpm":  # flow-matching pipelines keep their own Euler scheduler
+            pipe.scheduler = DDIMScheduler.from_config(bb.noise_scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         for prompt in cfg.prompts:
             for seed in cfg.seeds:
@@ -76,11 +77,9 @@ def export_final(trainer, metrics: dict) -> Path:
     unet = trainer.acc.unwrap_model(trainer.unet)
     bb = trainer.backbone
     if trainer.cfg.lora is not None:
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        layers = {k: v.detach().float().contiguous().cpu() for k, v in layers.items()}
+        layers = {k: v.detach().float().contiguous().cpu() for k, v in get_peft_model_state_dict(unet).items()}
         bb.save_lora(out, layers)
         what = "LoRA adapter (diffusers format): `pipe.load_lora_weights(this_folder)`"
     else:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from diffalign.backbones import load_backbone
+from diffalign.backbones.registry import backbone_from_config
 from diffalign.config import Config, dump_config, weight_dtype
 from diffalign.objectives import get_objective
 from diffalign.training import checkpoint as ckpt
@@ -121,7 +121,7 @@ class Trainer:
     def _build(self) -> None:
         cfg, acc = self.cfg, self.acc
         mc = cfg.model
-        self.backbone = bb = load_backbone(mc.pretrained, mc.family, mc.revision, mc.variant, mc.vae, mc.prediction_type)
+        self.backbone = bb = backbone_from_config(mc)
         unet = bb.denoiser
         unet.requires_grad_(False)
         bb.place(acc.device, self.weight_dtype, mc.vae_fp32)
@@ -141,9 +141,13 @@ class Trainer:
             unet.to(acc.device)
             if self.weight_dtype != torch.float32:
                 unet.to(self.weight_dtype)
-            unet.add_adapter(LoraConfig(r=lc.rank, lora_alpha=lc.alpha or lc.rank, lora_dropout=lc.dropout,
-                                        init_lora_weights=True if lc.init == "default" else lc.init,
-                                        target_modules=lc.target_modules or bb.lora_target_modules))
+            # the adapters' random init is a function of train.seed, not of whatever drew from the global RNG
+            # before (a model read from files draws nothing; a tiny one built in code does)
+            with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):
+                torch.manual_seed(cfg.train.seed)
+                unet.add_adapter(LoraConfig(r=lc.rank, lora_alpha=lc.alpha or lc.rank, lora_dropout=lc.dropout,
+                                            init_lora_weights=True if lc.init == "default" else lc.init,
+                                            target_modules=lc.target_modules or bb.lora_target_modules))
             for p in unet.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()  # trainable LoRA weights stay fp32 under mixed precision
