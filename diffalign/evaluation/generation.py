@@ -96,6 +96,9 @@ def load_pipeline(
             raise ModelLoadError(f"{lora!r} has no LoRA weights (expected one of {', '.join(LORA_FILES)})")
         pipe.load_lora_weights(str(lp))
     if sampler != "default":
+        if "FlowMatch" in type(pipe.scheduler).__name__:
+            raise ModelLoadError(f"{model!r} is a flow-matching pipeline ({type(pipe).__name__}); it samples with its "
+                                 f"own {type(pipe.scheduler).__name__}: use sampler 'default', not {sampler!r}")  # fmt: skip
         cls, kwargs = _scheduler_class(sampler)
         pipe.scheduler = cls.from_config(pipe.scheduler.config, **kwargs)
     pipe.set_progress_bar_config(disable=True)
