@@ -41,8 +41,9 @@ class FlowConfig(_Section):
 class ModelConfig(_Section):
     #: hub id, local diffusers folder, or tiny:<family> (tiny random models built in code)
     pretrained: str
-    #: auto: the family model_index.json's `_class_name` names (diffalign/backbones/registry.py)
-    family: str = "auto"
+    #: auto: the family model_index.json's `_class_name` names (diffalign/backbones/registry.py; a test
+    #: keeps this list equal to the registry's)
+    family: Literal["auto", "sd", "sdxl", "pixel"] = "auto"
     revision: str | None = None
     variant: str | None = None
     #: a separate VAE, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL under fp16

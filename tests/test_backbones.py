@@ -114,3 +114,12 @@ def test_fingerprint_is_stable_across_processes():
         assert proc.returncode == 0, proc.stderr[-2000:]
         outs.add(proc.stdout.strip().splitlines()[-1])
     assert len(outs) == 1
+
+
+def test_config_knows_every_registered_family():
+    import typing
+
+    from diffalign.backbones import families
+    from diffalign.config import ModelConfig
+
+    assert set(typing.get_args(ModelConfig.model_fields["family"].annotation)) == {"auto", *families()}

@@ -64,3 +64,15 @@ def test_recipes_match_their_reference_launchers():
     assert sdxl.optim.optimizer == "adafactor" and sdxl.optim.max_grad_norm == 1.0
     # DCPO-T2I dcpo_trainer.py trains every non-SDXL model at 512 (run.sh passes no resolution)
     assert load_config(ROOT / "configs" / "sd21_dcpo.yaml").data.resolution == 512
+
+
+@pytest.mark.parametrize(
+    ("recipe", "geometry"),
+    [("sd15_dpo_pickapic", "independent"), ("sdxl_dpo_pickapic", "independent"), ("sd21_dcpo", "independent"),
+     ("sd15_dpo_lora_diffusers", "independent"), ("sdxl_dpo_lora_diffusers", "joint_first"),
+     ("sdxl_mapo_pickapic", "joint_first")],
+)  # fmt: skip
+def test_recipes_crop_and_flip_as_their_reference_scripts_do(recipe, geometry):
+    """Salesforce train.py (and its DCPO fork) and the diffusers SD1.5 script transform each image on its own;
+    the diffusers SDXL script and MaPO resize jpg_1 to jpg_0 and flip and crop the pair jointly."""
+    assert load_config(ROOT / "configs" / f"{recipe}.yaml").data.pair_geometry == geometry
