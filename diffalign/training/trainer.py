@@ -141,13 +141,9 @@ class Trainer:
             unet.to(acc.device)
             if self.weight_dtype != torch.float32:
                 unet.to(self.weight_dtype)
-            # the adapters' random init is a function of train.seed, not of whatever drew from the global RNG
-            # before (a model read from files draws nothing; a tiny one built in code does)
-            with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):
-                torch.manual_seed(cfg.train.seed)
-                unet.add_adapter(LoraConfig(r=lc.rank, lora_alpha=lc.alpha or lc.rank, lora_dropout=lc.dropout,
-                                            init_lora_weights=True if lc.init == "default" else lc.init,
-                                            target_modules=lc.target_modules or bb.lora_target_modules))
+            unet.add_adapter(LoraConfig(r=lc.rank, lora_alpha=lc.alpha or lc.rank, lora_dropout=lc.dropout,
+                                        init_lora_weights=True if lc.init == "default" else lc.init,
+                                        target_modules=lc.target_modules or bb.lora_target_modules))
             for p in unet.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()  # trainable LoRA weights stay fp32 under mixed precision
