@@ -43,7 +43,7 @@ class ModelConfig(_Section):
     pretrained: str
     #: auto: the family model_index.json's `_class_name` names (diffalign/backbones/registry.py; a test
     #: keeps this list equal to the registry's)
-    family: Literal["auto", "sd", "sdxl", "pixel"] = "auto"
+    family: Literal["auto", "sd", "sdxl", "pixel", "sd3", "flux"] = "auto"
     revision: str | None = None
     variant: str | None = None
     #: a separate VAE, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL under fp16
