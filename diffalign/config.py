@@ -147,6 +147,16 @@ class TrainSection(_Section):
     #: exponential moving average of the trainable weights (diffusers' EMAModel: per-step decay
     #: min(ema_decay, (1 + n) / (10 + n))); validation images and the export use the EMA weights. 0 = off
     ema_decay: float = pydantic.Field(0.0, ge=0.0, lt=1.0)
+    #: fused Triton kernels (GroupNorm+SiLU in the backbone's resnet blocks, the per-sample energy;
+    #: diffalign/kernels). auto: on when a CUDA device and triton are there; on without them runs the
+    #: plain-torch reference path and says so in the run summary
+    kernels: Literal["auto", "on", "off"] = "auto"
+    #: torch.compile the denoiser (nn.Module.compile: parameter names and checkpoints unchanged). The
+    #: first steps compile; on a CPU inductor needs a C++ compiler and takes minutes even for tiny models
+    compile: bool = False
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    #: keep the denoiser's convolution weights (and so its activations) in channels-last memory format
+    channels_last: bool = False
 
 
 class LoggingConfig(_Section):

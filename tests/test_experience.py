@@ -145,3 +145,20 @@ def test_an_objective_refuses_an_experience_it_cannot_learn_from(tmp_path):
 
     with pytest.raises(ConfigError, match="objective 'mapo' learns from \\['offline'\\]"):
         load_config(tiny_config(tmp_path, objective={"name": "mapo"}, experience={"source": "generated"}))
+
+
+def test_lora_init_depends_on_the_seed_not_on_what_ran_before(tmp_path):
+    from diffalign.backbones.tiny import save_tiny_pipeline
+    from diffalign.config import load_config
+    from diffalign.training.trainer import Trainer
+
+    model = {"pretrained": str(save_tiny_pipeline(tmp_path / "sd"))}  # loaded from disk: no seeding on the way
+    lora = {"rank": 4, "init": "default"}
+    cfg = load_config(tiny_config(tmp_path, model=model, lora=lora, train={"max_steps": 1}))
+    a = trainable_state(Trainer(cfg))
+    torch.rand(1000)  # other work consumes the global generator
+    b = trainable_state(Trainer(cfg))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    c = trainable_state(Trainer(load_config(tiny_config(tmp_path, model=model, lora=lora,
+                                                         train={"max_steps": 1, "seed": 1}))))  # fmt: skip
+    assert any(not torch.equal(a[k], c[k]) for k in a)

@@ -138,6 +138,13 @@ class Backbone:
         pred_u, pred_c = self.predict(model, torch.cat([x, x]), t, both).chunk(2)
         return pred_u + guidance * (pred_c - pred_u)
 
+    # ---- kernels --------------------------------------------------------------------------------------
+    def apply_kernels(self) -> dict[str, int]:
+        """Swap this family's blocks for fused-kernel versions in place (diffalign/kernels), without
+        changing parameters or their names. Returns the number of blocks fused per module. The default
+        fuses nothing (transformer families have no GroupNorm)."""
+        return {}
+
     # ---- placement ------------------------------------------------------------------------------------
     def frozen_modules(self) -> dict[str, nn.Module]:
         """Modules that never train (VAE, text encoders), by name, for device/dtype placement."""

@@ -104,6 +104,12 @@ class StableDiffusionBackbone(Backbone):
     def frozen_modules(self) -> dict[str, nn.Module]:
         return {"text_encoder": self.text_encoder, "vae": self.vae}
 
+    def apply_kernels(self) -> dict[str, int]:
+        """GroupNorm+SiLU fused in the resnet blocks of the UNet and the VAE."""
+        from diffalign.kernels.blocks import fuse_resnet_blocks
+
+        return {name: fuse_resnet_blocks(m)[0] for name, m in (("unet", self.denoiser), ("vae", self.vae)) if m is not None}
+
     def fingerprint(self) -> dict:
         return {
             "family": self.family,

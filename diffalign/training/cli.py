@@ -24,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from diffalign.training.trainer import Trainer
 
-    Trainer(cfg, resume=args.resume).train()
+    try:
+        trainer = Trainer(cfg, resume=args.resume)
+    except ConfigError as err:  # a setting this machine cannot run (e.g. train.compile without a compiler)
+        print(f"diffalign train: {err}", file=sys.stderr)
+        return 2
+    trainer.train()
     print(f"done: {cfg.output_dir}/final")
     return 0

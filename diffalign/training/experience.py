@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from diffalign.backbones.base import Backbone, Conditioning
 from diffalign.backbones.processes import NoiseProcess
+from diffalign.kernels.energy import per_sample_mse, per_sample_mse_reference
 
 Energy = Callable[[torch.nn.Module], torch.Tensor]
 
@@ -71,12 +71,14 @@ def item_noise(process: NoiseProcess, seed: int, positions: list[int], k: int, s
 
 
 def mse_energy(backbone: Backbone, model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-               cond: Conditioning) -> torch.Tensor:  # fmt: skip
-    """Per-candidate denoising error: mean over the latent dimensions of (prediction - target)^2 (the
-    process's target and loss output: epsilon / v / x0 for DDPM, the velocity for flow matching).
+               cond: Conditioning, fused: bool = False) -> torch.Tensor:  # fmt: skip
+    """Per-candidate denoising error: mean over the latent dimensions of (prediction - target)^2, in fp32
+    (the process's target and loss output: epsilon / v / x0 for DDPM, the velocity for flow matching).
 
     x0 [B, K, ...]; noise [B, ...] shared by an item's K candidates, or [B, K, ...] one per candidate;
-    t [B] shared; cond holds B*K rows in item-major order. Returns [B, K] in float32."""
+    t [B] shared; cond holds B*K rows in item-major order. Returns [B, K] in float32. `fused`: through
+    the fused kernel (diffalign/kernels/energy.py), which reads a bf16/fp16 prediction without an fp32
+    copy; else its plain-torch reference."""
     B, K = x0.shape[:2]
     x0_flat = x0.flatten(0, 1)
     if noise.dim() == x0.dim():
@@ -88,7 +90,7 @@ def mse_energy(backbone: Backbone, model, x0: torch.Tensor, noise: torch.Tensor,
     noisy = process.add_noise(x0_flat, noise_flat, t_flat)
     target = process.target(x0_flat, noise_flat, t_flat)
     pred = process.loss_output(backbone.predict(model, noisy, t_flat, cond), noisy, t_flat)
-    err = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.dim())))
+    err = (per_sample_mse if fused else per_sample_mse_reference)(pred, target)
     return err.view(B, K)
 
 
@@ -99,8 +101,9 @@ class OfflineSource:
 
     def __init__(self, backbone: Backbone, seed: int, resolution: int, device, dtype: torch.dtype,
                  global_batch: int, local_batch: int, rank: int, candidates: int | None = None,
-                 per_candidate_noise: bool = False):  # fmt: skip
+                 per_candidate_noise: bool = False, fused_energy: bool = False):  # fmt: skip
         self.backbone, self.seed, self.resolution = backbone, seed, resolution
+        self.fused_energy = fused_energy
         self.device, self.dtype = device, dtype
         self.global_batch, self.local_batch, self.rank = global_batch, local_batch, rank
         self.candidates = candidates
@@ -146,7 +149,8 @@ class OfflineSource:
         t, noise = t.to(self.device), noise.to(self.device)
         cond = self.conditioning(batch, K)
         phi = batch["phi"][:, :K].to(self.device, torch.float32)
-        return Experience(phi=phi, energy=lambda model: mse_energy(self.backbone, model, x0, noise, t, cond))
+        return Experience(phi=phi, energy=lambda model: mse_energy(self.backbone, model, x0, noise, t, cond,
+                                                                   self.fused_energy))
 
     def _latent_shape(self, batch: dict) -> tuple[int, ...]:
         if "latent_mean" in batch:
@@ -202,4 +206,5 @@ class GeneratedSource(OfflineSource):
                                                                                    self.resolution).items()}  # fmt: skip
         cond = {k: torch.stack([v, gen.get(k, v).to(v.dtype)], dim=1).flatten(0, 1) for k, v in win.items()}
         phi = torch.tensor([[1.0, 0.0]], device=self.device).expand(B, 2)
-        return Experience(phi=phi, energy=lambda model: mse_energy(self.backbone, model, x0, noise, t, cond))
+        return Experience(phi=phi, energy=lambda model: mse_energy(self.backbone, model, x0, noise, t, cond,
+                                                                   self.fused_energy))

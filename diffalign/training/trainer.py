@@ -125,6 +125,7 @@ class Trainer:
         unet = bb.denoiser
         unet.requires_grad_(False)
         bb.place(acc.device, self.weight_dtype, mc.vae_fp32)
+        self.speed = self._kernels_and_layout(unet)
         if cfg.train.attention == "xformers":
             try:
                 import xformers  # noqa: F401
@@ -141,9 +142,13 @@ class Trainer:
             unet.to(acc.device)
             if self.weight_dtype != torch.float32:
                 unet.to(self.weight_dtype)
-            unet.add_adapter(LoraConfig(r=lc.rank, lora_alpha=lc.alpha or lc.rank, lora_dropout=lc.dropout,
-                                        init_lora_weights=True if lc.init == "default" else lc.init,
-                                        target_modules=lc.target_modules or bb.lora_target_modules))
+            # the adapters' random init is a function of train.seed, not of whatever ran before in the process
+            devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(cfg.train.seed)
+                unet.add_adapter(LoraConfig(r=lc.rank, lora_alpha=lc.alpha or lc.rank, lora_dropout=lc.dropout,
+                                            init_lora_weights=True if lc.init == "default" else lc.init,
+                                            target_modules=lc.target_modules or bb.lora_target_modules))
             for p in unet.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()  # trainable LoRA weights stay fp32 under mixed precision
@@ -153,6 +158,8 @@ class Trainer:
         self.reference = make_reference(cfg.train.reference, needs_ref, cfg.lora is not None, unet,
                                         self.weight_dtype, unwrap=acc.unwrap_model).to(acc.device)  # fmt: skip
         self.params = [p for p in unet.parameters() if p.requires_grad]
+        if cfg.train.compile:
+            self._compile(unet)
 
         self.dataset = self._dataset()
         self.global_batch = cfg.train.batch_size * acc.num_processes
@@ -178,12 +185,43 @@ class Trainer:
             self.ema = EMAModel(self.params, decay=cfg.train.ema_decay)
             acc.register_for_checkpointing(self.ema)  # saved and resumed with the checkpoint
 
+    def _kernels_and_layout(self, unet) -> str:
+        """train.kernels (the backbone fuses its blocks; energies use the fused kernel) and
+        train.channels_last; returns the summary's line."""
+        from diffalign import kernels
+
+        t, device = self.cfg.train, self.acc.device
+        reason = kernels.fallback_reason(device) or (None if device.type == "cuda" else "no CUDA device")
+        self.kernels_on = t.kernels == "on" or (t.kernels == "auto" and reason is None)
+        if self.kernels_on:
+            fused = ", ".join(f"{n} {k}" for n, k in self.backbone.apply_kernels().items()) or "none in this family"
+            line = f"kernels on ({kernels.describe(device)}): fused energy; GroupNorm+SiLU in resnet blocks: {fused}"
+        else:
+            line = "kernels off" + (f" (auto: {reason}; plain torch)" if t.kernels == "auto" else "")
+        if t.channels_last:
+            unet.to(memory_format=torch.channels_last)
+        compiled = f"torch.compile ({t.compile_backend})" if t.compile else "no compile"
+        return f"{line}; {compiled}; {'channels-last' if t.channels_last else 'NCHW'}"
+
+    def _compile(self, unet) -> None:
+        """torch.compile the denoiser in place (its parameter names, and so checkpoints, do not change)."""
+        import shutil
+
+        from diffalign.config import ConfigError
+
+        if self.cfg.train.compile_backend == "inductor" and not any(map(shutil.which, ("g++", "c++", "clang++"))):
+            raise ConfigError("train.compile: torch.compile's inductor backend needs a C++ compiler (g++ or clang++) "
+                              "and none is on PATH; install one, or set train.compile_backend=aot_eager, or "
+                              "train.compile=false")  # fmt: skip
+        unet.compile(backend=self.cfg.train.compile_backend)
+
     def _source(self):
         cfg, acc = self.cfg, self.acc
         params = self.objective.validate(self.objective_params)
         common = dict(seed=cfg.train.seed, resolution=cfg.data.resolution, device=acc.device, dtype=self.weight_dtype,
                       global_batch=self.global_batch, local_batch=cfg.train.batch_size, rank=acc.process_index,
-                      per_candidate_noise=getattr(params, "noise", "shared") == "per_image")  # fmt: skip
+                      per_candidate_noise=getattr(params, "noise", "shared") == "per_image",
+                      fused_energy=self.kernels_on)  # fmt: skip
         if cfg.experience_source() == "generated":
             s = cfg.experience.sampler
             return GeneratedSource(self.backbone, steps=s.steps, guidance=s.guidance, eta=s.eta,
@@ -287,6 +325,7 @@ class Trainer:
             f"  batch       {cfg.train.batch_size} per process x {acc.num_processes} processes x {cfg.train.grad_accum} accumulation = {eff} items per step",
             f"  schedule    {cfg.train.max_steps} steps = {cfg.train.max_steps * eff / max(n, 1):.2f} epochs; lr {self.lr:g} ({cfg.optim.optimizer}, {cfg.optim.scheduler}, warmup {cfg.optim.warmup_steps})",
             f"  precision   {cfg.train.mixed_precision}; device {acc.device}; output {self.out}",
+            f"  speed       {self.speed}",
         ]
         return "\n".join(lines)
 
