@@ -55,6 +55,11 @@ class Backbone:
     pipeline_class_name: str = ""
     #: where `load_lora_weights` finds the denoiser's adapter in an export (diffusers' prefix)
     lora_prefix: str = "unet"
+    #: LoRA layers are exported in diffusers' own key format (convert_state_dict_to_diffusers), as the
+    #: diffusers SD / SDXL DPO scripts do; False keeps peft's keys, as its SD3 / FLUX scripts save them
+    #: (the converter knows only the to_q/k/v/out names: MMDiT's context projections would stay in peft's
+    #: format, and a key set mixing both is only partly loaded by StableDiffusion3Pipeline)
+    lora_keys_diffusers: bool = True
     #: sampling guidance is classifier-free (a conditional and an unconditional branch); False for
     #: guidance-distilled models (FLUX.1-dev takes the scale as an input)
     classifier_free_guidance: bool = True
@@ -168,12 +173,6 @@ class Backbone:
     def pipeline(self, denoiser: nn.Module | None = None):
         """A diffusers pipeline over this backbone's components (validation images, export)."""
         raise NotImplementedError
-
-    #: LoRA layers are exported in diffusers' own key format (convert_state_dict_to_diffusers), as the
-    #: diffusers SD / SDXL DPO scripts do; False keeps peft's keys, as its SD3 / FLUX scripts save them
-    #: (the converter knows only the to_q/k/v/out names: MMDiT's context projections would stay in peft's
-    #: format, and a key set mixing both is only partly loaded by StableDiffusion3Pipeline)
-    lora_keys_diffusers: bool = True
 
     def save_lora(self, path, lora_layers: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
         """Write the denoiser's LoRA (peft's state dict, get_peft_model_state_dict) in the format the
