@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from diffalign.backbones.base import Conditioning
-from diffalign.backbones.sd import StableDiffusionBackbone, module_digest, tokenize
-from diffalign.backbones.sd3 import MMDIT_LORA_TARGETS, dynamic_shift_mu, load_flow_parts, t5_part
+from diffalign.backbones.sd import tokenize
+from diffalign.backbones.sd3 import MMDiTBackbone, dynamic_shift_mu, load_flow_parts, t5_part
 from diffalign.backbones.t5 import LazyModule, t5_states
 
 #: FLUX.1-dev's guidance embedding value in training: diffusers' train_dreambooth_lora_flux.py default
@@ -42,23 +42,21 @@ def _pipeline_cls():
     return FluxPipeline
 
 
-class FluxBackbone(StableDiffusionBackbone):
+class FluxBackbone(MMDiTBackbone):
     family = "flux"
     pipeline_class_name = "FluxPipeline"
-    lora_prefix = "transformer"
-    lora_keys_diffusers = False  # peft's keys, as diffusers' own SD3 / FLUX LoRA scripts save them
     #: FluxPipeline's default max_sequence_length (FLUX.1-schnell's model card uses 256)
     default_max_sequence_length = 512
+    t5_slot = "text_encoder_2"
     #: guidance-distilled: the sampler's guidance goes into the embedding, no unconditional branch
     classifier_free_guidance = False
 
     def __init__(self, transformer, noise_scheduler, text_encoder, tokenizer, t5: LazyModule, tokenizer_2, vae,
                  max_sequence_length: int | None = None, guidance_embedding: float | None = None, source: str = "",
                  density: str = "uniform"):  # fmt: skip
-        super().__init__(transformer, noise_scheduler, text_encoder, tokenizer, vae, None, source)
-        self.process = self.process.with_options(density=density)
-        self.t5, self.tokenizer_2 = t5, tokenizer_2
-        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
+        super().__init__(transformer, noise_scheduler, text_encoder, tokenizer, vae, t5, max_sequence_length, source,
+                         density)  # fmt: skip
+        self.tokenizer_2 = tokenizer_2
         if guidance_embedding is not None and not self.has_guidance:
             raise ValueError("model.guidance_embedding: this FLUX transformer has no guidance embedding "
                              "(FLUX.1-schnell); leave it unset")  # fmt: skip
@@ -67,10 +65,6 @@ class FluxBackbone(StableDiffusionBackbone):
     @property
     def has_guidance(self) -> bool:
         return bool(self.denoiser.config.guidance_embeds)
-
-    @property
-    def lora_target_modules(self) -> list[str]:
-        return list(MMDIT_LORA_TARGETS)
 
     @property
     def text_encoder_2(self) -> nn.Module:
@@ -125,37 +119,11 @@ class FluxBackbone(StableDiffusionBackbone):
         mu = dynamic_shift_mu((h // 2) * (w // 2), dict(self.noise_scheduler.config), 1.15)
         return {"sigmas": np.linspace(1.0, 1 / steps, steps).tolist(), "mu": mu}
 
-    # -- placement, identity, export -----------------------------------------------------------------
-    def frozen_modules(self) -> dict[str, nn.Module]:
-        mods = {"text_encoder": self.text_encoder, "vae": self.vae}
-        if self.t5.loaded:
-            mods["text_encoder_2"] = self.t5.module
-        return mods
-
-    def place(self, device, dtype: torch.dtype, vae_fp32: bool = True) -> None:
-        super().place(device, dtype, vae_fp32)
-        self.t5.place(device, dtype)
-
-    def fingerprint(self) -> dict:
-        return {
-            "family": self.family,
-            "vae": module_digest(self.vae),
-            "text_encoders": [module_digest(self.text_encoder)],
-            "t5": self.t5.digest(),
-            "max_length": [self.tokenizer.model_max_length, self.max_sequence_length],
-        }
-
+    # -- export -------------------------------------------------------------------------------------
     def pipeline(self, denoiser: nn.Module | None = None):
         """A FluxPipeline over this backbone's components (T5 built now)."""
-        return _pipeline_cls()(
-            transformer=denoiser if denoiser is not None else self.denoiser,
-            scheduler=type(self.noise_scheduler).from_config(self.noise_scheduler.config),  # its own timesteps
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            text_encoder_2=self.text_encoder_2,
-            tokenizer_2=self.tokenizer_2,
-        )
+        return _pipeline_cls()(**self._pipeline_parts(denoiser), text_encoder_2=self.text_encoder_2,
+                               tokenizer_2=self.tokenizer_2)  # fmt: skip
 
 
 # ---- loading ------------------------------------------------------------------------------------------

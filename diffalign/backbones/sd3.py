@@ -36,26 +36,70 @@ def dynamic_shift_mu(image_seq_len: int, config: dict, max_shift_default: float)
     return image_seq_len * m + (base_shift - m * base_len)
 
 
-class StableDiffusion3Backbone(StableDiffusionBackbone):
-    family = "sd3"
-    pipeline_class_name = "StableDiffusion3Pipeline"
-    lora_prefix = "transformer"
-    lora_keys_diffusers = False  # peft's keys, as diffusers' own SD3 / FLUX LoRA scripts save them
-    #: StableDiffusion3Pipeline's default max_sequence_length
-    default_max_sequence_length = 256
+class MMDiTBackbone(StableDiffusionBackbone):
+    """What SD3 and FLUX share: a transformer trained by rectified flow (timestep density `density` by
+    default), LoRA on MMDiT attention exported in peft's keys under `transformer.` (as diffusers' own SD3 and
+    FLUX LoRA scripts save them), and a lazily held T5 (`t5`, None when left out) of `max_sequence_length`
+    tokens. Subclasses name T5's pipeline slot (`t5_slot`) and build the conditioning."""
 
-    def __init__(self, transformer, noise_scheduler, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
-                 t5: LazyModule | None, tokenizer_3, vae, max_sequence_length: int | None = None, source: str = "",
-                 density: str = "logit_normal"):  # fmt: skip
+    lora_prefix = "transformer"
+    lora_keys_diffusers = False
+    #: the pipeline's default max_sequence_length
+    default_max_sequence_length = 256
+    #: T5's component name in the pipeline folder
+    t5_slot = "text_encoder_3"
+
+    def __init__(self, transformer, noise_scheduler, text_encoder, tokenizer, vae, t5: LazyModule | None,
+                 max_sequence_length: int | None, source: str, density: str):  # fmt: skip
         super().__init__(transformer, noise_scheduler, text_encoder, tokenizer, vae, None, source)
         self.process = self.process.with_options(density=density)
-        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
-        self.t5, self.tokenizer_3 = t5, tokenizer_3
+        self.t5 = t5
         self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
 
     @property
     def lora_target_modules(self) -> list[str]:
         return list(MMDIT_LORA_TARGETS)
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        names = ["text_encoder", "text_encoder_2"]
+        mods = dict(zip(names, self._text_encoders())) | {"vae": self.vae}
+        if self.t5 is not None and self.t5.loaded:
+            mods[self.t5_slot] = self.t5.module
+        return mods
+
+    def place(self, device, dtype: torch.dtype, vae_fp32: bool = True) -> None:
+        super().place(device, dtype, vae_fp32)
+        if self.t5 is not None:
+            self.t5.place(device, dtype)
+
+    def _pipeline_parts(self, denoiser: nn.Module | None) -> dict:
+        """The components every MMDiT pipeline takes, with its own copy of the scheduler (its timesteps)."""
+        return dict(transformer=denoiser if denoiser is not None else self.denoiser, vae=self.vae,
+                    scheduler=type(self.noise_scheduler).from_config(self.noise_scheduler.config),
+                    text_encoder=self.text_encoder, tokenizer=self.tokenizer)  # fmt: skip
+
+    def fingerprint(self) -> dict:
+        """The CLIP encoders and VAE by their weights, T5 by its files (without loading it) or "none"."""
+        return {
+            "family": self.family,
+            "vae": module_digest(self.vae),
+            "text_encoders": [module_digest(m) for m in self._text_encoders()],
+            "t5": self.t5.digest() if self.t5 is not None else "none",
+            "max_length": [t.model_max_length for t in self._tokenizers()] + [self.max_sequence_length],
+        }
+
+
+class StableDiffusion3Backbone(MMDiTBackbone):
+    family = "sd3"
+    pipeline_class_name = "StableDiffusion3Pipeline"
+
+    def __init__(self, transformer, noise_scheduler, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
+                 t5: LazyModule | None, tokenizer_3, vae, max_sequence_length: int | None = None, source: str = "",
+                 density: str = "logit_normal"):  # fmt: skip
+        super().__init__(transformer, noise_scheduler, text_encoder, tokenizer, vae, t5, max_sequence_length, source,
+                         density)  # fmt: skip
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self.tokenizer_3 = tokenizer_3
 
     @property
     def text_encoder_3(self) -> nn.Module | None:
@@ -107,42 +151,14 @@ class StableDiffusion3Backbone(StableDiffusionBackbone):
         s, p = self.vae_scale(), self.denoiser.config.patch_size
         return {"mu": dynamic_shift_mu((height // s // p) * (width // s // p), config, 1.16)}
 
-    # -- placement, identity, export -----------------------------------------------------------------
-    def frozen_modules(self) -> dict[str, nn.Module]:
-        mods = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2, "vae": self.vae}
-        if self.t5 is not None and self.t5.loaded:
-            mods["text_encoder_3"] = self.t5.module
-        return mods
-
-    def place(self, device, dtype: torch.dtype, vae_fp32: bool = True) -> None:
-        super().place(device, dtype, vae_fp32)
-        if self.t5 is not None:
-            self.t5.place(device, dtype)
-
-    def fingerprint(self) -> dict:
-        return {
-            "family": self.family,
-            "vae": module_digest(self.vae),
-            "text_encoders": [module_digest(m) for m in self._text_encoders()],
-            "t5": self.t5.digest() if self.t5 is not None else "none",
-            "max_length": [t.model_max_length for t in self._tokenizers()] + [self.max_sequence_length],
-        }
-
+    # -- export -------------------------------------------------------------------------------------
     def pipeline(self, denoiser: nn.Module | None = None):
         """A StableDiffusion3Pipeline over this backbone's components (T5 built now if it is used)."""
         from diffusers import StableDiffusion3Pipeline
 
-        return StableDiffusion3Pipeline(
-            transformer=denoiser if denoiser is not None else self.denoiser,
-            scheduler=type(self.noise_scheduler).from_config(self.noise_scheduler.config),  # its own timesteps
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            text_encoder_2=self.text_encoder_2,
-            tokenizer_2=self.tokenizer_2,
-            text_encoder_3=self.text_encoder_3,
-            tokenizer_3=self.tokenizer_3 if self.t5 is not None else None,
-        )
+        return StableDiffusion3Pipeline(**self._pipeline_parts(denoiser), text_encoder_2=self.text_encoder_2,
+                                        tokenizer_2=self.tokenizer_2, text_encoder_3=self.text_encoder_3,
+                                        tokenizer_3=self.tokenizer_3 if self.t5 is not None else None)  # fmt: skip
 
 
 # ---- loading ------------------------------------------------------------------------------------------

@@ -338,6 +338,16 @@ def _device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _t5_builder(seed: int, sizes: dict):
+    """A function that builds the random T5 (T5's 32,128-token vocabulary) on first use, on the GPU if any."""
+
+    def build():
+        with torch.device(_device()):
+            return tiny_t5_encoder(seed=seed, vocab_size=32128, **sizes)
+
+    return build
+
+
 #: SD3-Medium (2.0 B transformer) and a scaled-down layout for CPU benchmarks
 _SD3_SIZES = {
     "full": dict(transformer=dict(sample_size=128, num_layers=24, attention_head_dim=64, num_attention_heads=24,
@@ -372,11 +382,8 @@ def random_sd3_components(seed: int = 0, scale: str = "full") -> dict:
         te1, te2 = _random_clip(h1, l1, a1, True, seed), _random_clip(h2, l2, a2, True, seed + 1)
         vae = flow_vae(seed, **sizes["vae"])
 
-    def build_t5():
-        with torch.device(_device()):
-            return tiny_t5_encoder(seed=seed + 2, vocab_size=32128, **sizes["t5"])
-
-    return dict(transformer=transformer, vae=vae, text_encoder=te1, text_encoder_2=te2, build_t5=build_t5,
+    return dict(transformer=transformer, vae=vae, text_encoder=te1, text_encoder_2=te2,
+                build_t5=_t5_builder(seed + 2, sizes["t5"]),
                 tokenizer=tiny_tokenizer(77), tokenizer_2=tiny_tokenizer(77), tokenizer_3=tiny_t5_tokenizer(),
                 scheduler=flow_scheduler(3.0))  # fmt: skip
 
@@ -405,9 +412,6 @@ def random_flux_components(seed: int = 0, scale: str = "full") -> dict:
         te = _random_clip(*sizes["clip"], projection=False, seed=seed)
         vae = flow_vae(seed, scaling_factor=0.3611, shift_factor=0.1159, **sizes["vae"])
 
-    def build_t5():
-        with torch.device(_device()):
-            return tiny_t5_encoder(seed=seed + 2, vocab_size=32128, **sizes["t5"])
-
-    return dict(transformer=transformer, vae=vae, text_encoder=te, build_t5=build_t5, tokenizer=tiny_tokenizer(77),
+    return dict(transformer=transformer, vae=vae, text_encoder=te, build_t5=_t5_builder(seed + 2, sizes["t5"]),
+                tokenizer=tiny_tokenizer(77),
                 tokenizer_2=tiny_t5_tokenizer(), scheduler=flow_scheduler(3.0, dynamic=True))  # fmt: skip
