@@ -9,7 +9,7 @@ loop that runs the VAE and the text encoders every step (the diffusers DPO scrip
 
 `--model sd3|flux|sdxl` runs configs/bench_<model>_random.yaml: the full-size architecture with random weights
 when a GPU is available; on a CPU its scaled-down layout (small:<model>: the same block types, fewer and
-narrower layers, the T5 stand-in held lazily like a real one) at 256 px in fp32, which the table then says.
+narrower layers, the T5 stand-in held lazily like a real one) at 128 px in fp32, which the table then says.
 
 Each variant runs in its own process (clean peak memory). Prints a markdown table; ratios are against the
 plain loop. Steps are optimizer steps of the config's batch x accumulation, timed after warm-up steps.
@@ -30,11 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 VARIANTS = ("plain", "diffalign", "diffalign+cache")
 #: overrides that turn a bench_<model>_random.yaml recipe into its scaled-down CPU version
-_CPU = ["data.resolution=256", "train.mixed_precision='no'", "train.gradient_checkpointing=false", "cache.dtype=fp32"]
+_CPU = ["data.builtin_rows=16", "train.mixed_precision='no'", "train.gradient_checkpointing=false", "cache.dtype=fp32"]
 SCALED_DOWN = {
-    "sdxl": ["model.pretrained=tiny:sdxl", "data.resolution=32", *_CPU[1:]],
-    "sd3": ["model.pretrained=small:sd3", *_CPU],
-    "flux": ["model.pretrained=small:flux", *_CPU],
+    "sdxl": ["model.pretrained=tiny:sdxl", "data.resolution=32", *_CPU],
+    "sd3": ["model.pretrained=small:sd3", "data.resolution=128", *_CPU],
+    "flux": ["model.pretrained=small:flux", "data.resolution=128", *_CPU],
 }
 
 

@@ -304,3 +304,14 @@ def test_flow_recipes_and_bench_configs_load():
     for name in names:
         cfg = load_config(ROOT / "configs" / name)
         assert cfg.model.pretrained.startswith(("stabilityai/", "black-forest-labs/", "random:", "small:")), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generated_experience_samples_with_the_family_schedule(tmp_path, family):
+    """SPIN-Diffusion-style DPO (the reference samples the loser during training) on both families: the
+    sampler takes the family's schedule (FLUX: sigmas and mu) and guidance (FLUX: the embedding)."""
+    trainer = run(_cfg(tmp_path, family, train={"max_steps": 1, "batch_size": 1},
+                       experience={"source": "generated", "sampler": {"steps": 2, "guidance": 3.0}}))  # fmt: skip
+    line = logged(trainer.cfg.model_dump())[0]
+    assert trainer.source.kind == "generated" and line["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert line["err_l"] != line["err_w"]
