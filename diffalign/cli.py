@@ -7,9 +7,12 @@ import importlib
 import importlib.util
 import sys
 
+from diffalign.errors import DEBUG_FLAG, cli_entry
+
 # name -> (module:function taking argv and returning an exit code, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("diffalign.training.cli:main", "fine-tune a model on preference data from a YAML config"),
+    "train-spm": ("diffalign.training.spm:main", "train SPO's step-aware preference model on preference pairs"),
     "cache": ("diffalign.training.cache:main", "precompute VAE latents and text conditioning for a config"),
     "eval": ("diffalign.evaluation.cli:eval_main", "generate images for a benchmark suite and score them"),
     "score": ("diffalign.evaluation.cli:score_main", "score existing images against their prompts"),
@@ -36,9 +39,10 @@ ENV_VARS = ("HF_HOME", "HF_HUB_OFFLINE", "CUDA_VISIBLE_DEVICES", "DIFFALIGN_CACH
 
 
 def _usage() -> str:
-    lines = ["usage: diffalign <command> [options]", "       diffalign --version", "", "commands:"]
-    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "Run `diffalign <command> --help` for a command's options."]
+    lines = ["usage: diffalign <command> [options] [--debug]", "       diffalign --version", "", "commands:"]
+    lines += [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `diffalign <command> --help` for a command's options. A known error ends in one line and",
+              "exit status 2; --debug (anywhere on the line) shows its traceback."]
     return "\n".join(lines)
 
 
@@ -114,7 +118,9 @@ def env_main(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if DEBUG_FLAG in argv[:1]:  # `diffalign --debug train ...`: the subcommand's entry takes it
+        argv = [*argv[1:2], DEBUG_FLAG, *argv[2:]]
+    if not argv or argv[0] in ("-h", "--help", DEBUG_FLAG):
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
@@ -128,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, func_name = COMMANDS[name][0].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(rest) or 0)
+    if not getattr(func, "is_cli_entry", False):
+        func = cli_entry(f"diffalign {name}")(func)
+    return func(rest)
 
 
 if __name__ == "__main__":

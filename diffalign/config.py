@@ -17,6 +17,7 @@ import yaml
 from diffalign.configio import ConfigError as ConfigError  # re-exported: one class for every config
 from diffalign.configio import load
 from diffalign.data.config import DataConfig
+from diffalign.rewards.pickscore import PICKSCORE_MODEL, PICKSCORE_PROCESSOR
 
 
 class _Section(pydantic.BaseModel):
@@ -126,9 +127,29 @@ class OptimConfig(_Section):
     weight_decay: float = 1e-2
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
-    scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    #: diffusers' schedules, or warmup_log_decay: DeepSpeed's WarmupDecayLR (its default log warm-up,
+    #: lr x log(k + 1) / log(warmup_steps), then linear decay reaching 0 at decay_steps), the SPM trainer's
+    scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "warmup_log_decay"] = "constant"
     warmup_steps: int = pydantic.Field(0, ge=0)
+    #: warmup_log_decay: the step at which the decay reaches 0 (None: train.max_steps)
+    decay_steps: int | None = pydantic.Field(None, ge=1)
     max_grad_norm: float | None = 1.0
+
+
+class PoolConfig(_Section):
+    """`train.reference: pool`: the reference of each optimizer step is drawn from earlier checkpoints of
+    this run (SePPO's Random Checkpoint Replay, docs/seppo.md). The starting model theta_0 is always a
+    member; a completed checkpoint joins when its step is a multiple of `every`; beyond `cap` members the
+    oldest checkpoint leaves (theta_0 stays)."""
+
+    #: uniform: each step draws a member uniformly (the paper); first: always theta_0 (DITTO); last: the
+    #: newest checkpoint (SPIN-Diffusion). Draws are keyed on (train.seed, step).
+    draw: Literal["uniform", "first", "last"] = "uniform"
+    #: None: every checkpoint (checkpoint.every); otherwise a multiple of checkpoint.every
+    every: int | None = pydantic.Field(None, ge=1)
+    #: at most this many members, theta_0 included (LoRA: adapters of megabytes; full fine-tuning: one
+    #: state dict each in CPU memory, in the training weight dtype)
+    cap: int = pydantic.Field(8, ge=1)
 
 
 class TrainSection(_Section):
@@ -139,11 +160,20 @@ class TrainSection(_Section):
     gradient_checkpointing: bool = False
     attention: Literal["sdpa", "xformers"] = "sdpa"
     seed: int = 0
-    #: the reference model: auto = adapters off for LoRA, a frozen copy for full fine-tuning
-    reference: Literal["auto", "lora_off", "frozen_copy"] = "auto"
+    #: the reference model: auto = the objective's (SePPO: pool), else adapters off for LoRA and a frozen
+    #: copy for full fine-tuning; pool = earlier checkpoints of this run (`train.pool`)
+    reference: Literal["auto", "lora_off", "frozen_copy", "pool"] = "auto"
+    pool: PoolConfig = PoolConfig()
     #: stop after this many consecutive steps skipped for a non-finite loss or gradient
     max_nonfinite_steps: int = pydantic.Field(5, ge=1)
+    #: stop when an update leaves a trainable weight non-finite or larger in magnitude than this (the loss
+    #: of that step was finite, so the loss guard cannot see it); such weights are never checkpointed.
+    #: 65504 is float16's largest value: a weight beyond it cannot run in fp16. None: only non-finite
+    max_weight_abs: float | None = pydantic.Field(65504.0, gt=0)
     num_workers: int = pydantic.Field(0, ge=0)
+    #: also stop after this many passes over the data (None: max_steps decides alone). SPO's recipes train
+    #: 10 epochs of prompts, whose number of optimizer steps depends on how many pairs the rollouts keep
+    max_epochs: int | None = pydantic.Field(None, ge=1)
     #: exponential moving average of the trainable weights (diffusers' EMAModel: per-step decay
     #: min(ema_decay, (1 + n) / (10 + n))); validation images and the export use the EMA weights. 0 = off
     ema_decay: float = pydantic.Field(0.0, ge=0.0, lt=1.0)
@@ -180,6 +210,17 @@ class ValidationConfig(_Section):
     resolution: int | None = None  # None: data.resolution
 
 
+class HubConfig(_Section):
+    """`--push-to-hub`: each checkpoint goes to the repo's last-checkpoint/ folder, the final export (with
+    its model card) to the repo's root."""
+
+    push: bool = False
+    #: the repo, "name" (under your account) or "org/name"; None: the output folder's name
+    model_id: str | None = None
+    #: None: the hub's default visibility for your account
+    private: bool | None = None
+
+
 class CacheConfig(_Section):
     #: read VAE latents and text conditioning from a `diffalign cache` directory instead of encoding each step
     enabled: bool = False
@@ -201,14 +242,38 @@ class SamplerConfig(_Section):
     batch_size: int = pydantic.Field(1, ge=1)
 
 
+class RolloutConfig(_Section):
+    """SPO's step-wise resampler (diffalign/sampling/resample.py, docs/spo.md). Defaults: the reference's SD1.5
+    recipe (RockeyCoss/SPO configs/basic_config.py and spo_sd-v1-5_4k-prompts_num-sam-4_10ep_bs10.py)."""
+
+    #: the step scorer, a scorer registry name: spm (the step-aware preference model, which reads x0-hat's
+    #: timestep) or any other scorer (it scores x0-hat and ignores the timestep)
+    scorer: str = "spm"
+    #: keyword arguments of the scorer's factory, e.g. {checkpoint: sd15} (the released SD1.5 SPM)
+    scorer_args: dict[str, Any] = {}
+    #: K candidates drawn at each branch step (sample.num_sample_each_step: 4 for SD1.5, 2 for SDXL)
+    candidates: int = pydantic.Field(4, ge=2)
+    #: sampling steps taken as one trajectory before the first branch (train.divert_start_step)
+    divert_start_step: int = pydantic.Field(4, ge=0)
+    #: single-sample steps of every candidate after each branch (sample.num_inner_step: 0 SD1.5, 3 SDXL)
+    inner_steps: int = pydantic.Field(0, ge=0)
+    #: a pair is kept when softmax(best, worst score) differs by more than this (compare_func_cfg: 0.3 / 0.4)
+    threshold: float = pydantic.Field(0.3, ge=0, lt=1)
+    #: kept pairs per process per micro-step (train.train_batch_size); each rollout of train.batch_size
+    #: prompts per process feeds as many micro-steps as its pairs fill
+    pairs_per_step: int = pydantic.Field(10, ge=1)
+
+
 class ExperienceConfig(_Section):
     """Where each step's candidates come from (diffalign/training/experience.py). auto: the objective's
-    default (offline: the data's)."""
+    default (offline: the data's; rollout for SPO)."""
 
-    source: Literal["auto", "offline", "generated"] = "auto"
+    source: Literal["auto", "offline", "generated", "rollout"] = "auto"
     #: generated: which model samples the candidate that is not from the data
     generator: Literal["reference", "policy"] = "reference"
     sampler: SamplerConfig = SamplerConfig()
+    #: rollout: SPO's step-wise resampler
+    rollout: RolloutConfig = RolloutConfig()
 
 
 class Config(_Section):
@@ -222,6 +287,7 @@ class Config(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     validation: ValidationConfig = ValidationConfig()
     cache: CacheConfig = CacheConfig()
+    hub: HubConfig = HubConfig()
     experience: ExperienceConfig = ExperienceConfig()
     output_dir: str = "runs/default"
 
@@ -231,6 +297,22 @@ class Config(_Section):
 
         obj = get_objective(self.objective.name)
         return obj.experience[0] if self.experience.source == "auto" else self.experience.source
+
+    def reference_kind(self) -> str:
+        """The reference this run uses: `train.reference`, or for auto the objective's default (SePPO: pool),
+        else adapters off for LoRA and a frozen copy for full fine-tuning."""
+        from diffalign.objectives import get_objective
+
+        if self.train.reference != "auto":
+            return self.train.reference
+        obj = get_objective(self.objective.name)
+        if obj.reference != "auto":
+            return obj.reference
+        return "lora_off" if self.lora is not None else "frozen_copy"
+
+    def pool_every(self) -> int:
+        """Steps between pool members (`train.pool.every`, default checkpoint.every)."""
+        return self.train.pool.every or self.checkpoint.every
 
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -244,14 +326,91 @@ class Config(_Section):
         if source == "generated" and self.experience.generator == "reference" and not obj.needs_reference:
             raise ValueError(f"experience.generator=reference: objective {obj.name!r} has no reference model; "
                              "use experience.generator=policy")  # fmt: skip
+        if source == "rollout":
+            self._check_rollout()
+        elif self.data.format == "prompts":
+            raise ValueError(f"data.format=prompts holds prompts only; objective {obj.name!r} learns from "
+                             f"{source} experience, which needs images (pairs or ranked lists)")  # fmt: skip
         if obj.formats is not None and self.data.format not in obj.formats:
             raise ValueError(f"objective {obj.name!r} needs data.format in {list(obj.formats)}, got {self.data.format!r}")
         if self.train.reference == "lora_off" and self.lora is None:
             raise ValueError("train.reference=lora_off needs a lora section (or use frozen_copy / auto)")
+        if obj.needs_reference and self.reference_kind() == "pool" and self.pool_every() % self.checkpoint.every:
+            raise ValueError(f"train.pool.every={self.pool_every()} must be a multiple of checkpoint.every="
+                             f"{self.checkpoint.every}: pool members are read from saved checkpoints")  # fmt: skip
+        return self
+
+
+    def _check_rollout(self) -> None:
+        if self.data.format != "prompts":
+            raise ValueError(f"experience.source=rollout (SPO) learns online from prompts, not from "
+                             f"data.format={self.data.format!r} images: its candidates are sampled during training. "
+                             "Give data.format: prompts with a prompt file (.txt, .json, .jsonl) or a dataset's "
+                             "caption column (docs/spo.md)")  # fmt: skip
+        s, r = self.experience.sampler, self.experience.rollout
+        if s.eta <= 0:
+            raise ValueError("experience.source=rollout needs a stochastic sampler: set experience.sampler.eta > 0 "
+                             "(SPO's DDIM eta 1.0; for flow matching the SDE noise level)")  # fmt: skip
+        if r.divert_start_step >= s.steps:
+            raise ValueError(f"experience.rollout.divert_start_step ({r.divert_start_step}) must be below "
+                             f"experience.sampler.steps ({s.steps})")  # fmt: skip
+        if self.cache.enabled:
+            raise ValueError("cache.enabled: the latent cache holds data images; rollout experience has none")
+
+
+class SPMSection(_Section):
+    """The step-aware preference model `diffalign train-spm` trains (docs/spo.md). Defaults: RockeyCoss/SPO's
+    SPM trainer (step_aware_preference_model/trainer/tasks/spm_task.py)."""
+
+    #: the CLIP it starts from (PickScore) and the processor of its init checkpoint
+    clip: str = PICKSCORE_MODEL
+    processor: str | None = PICKSCORE_PROCESSOR
+    #: start from these SPM weights instead of PickScore: sd15 / sdxl (the released SPMs), a file, an export
+    init: str | None = None
+    #: a tiny random CLIP instead (tests, the toy world)
+    tiny: bool = False
+    #: classifier-free guidance of the frozen diffusion model's one step that gives x0-hat (task.cfg_scale)
+    guidance: float = pydantic.Field(5.0, ge=0)
+    #: relabel every pair with PickScore on its two images (the SDXL SPM's use_pickscore_label): a tie when the
+    #: softmax gap is at most tie_threshold (pickscore_threshold)
+    relabel: Literal["none", "pickscore"] = "none"
+    tie_threshold: float = pydantic.Field(0.1, ge=0, lt=1)
+
+
+class SPMConfig(_Section):
+    """`diffalign train-spm`: the same sections as a training config, with `model` the frozen diffusion model
+    whose one-step x0-hat the SPM learns to score and `spm` the model trained (all of it)."""
+
+    model: ModelConfig
+    data: DataConfig
+    spm: SPMSection = SPMSection()
+    optim: OptimConfig = OptimConfig()
+    train: TrainSection = TrainSection()
+    logging: LoggingConfig = LoggingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    validation: ValidationConfig = ValidationConfig()
+    cache: CacheConfig = CacheConfig()
+    output_dir: str = "runs/spm"
+
+    @pydantic.model_validator(mode="after")
+    def _consistent(self) -> SPMConfig:
+        from diffalign.data.schema import PAIR_FORMATS
+
+        if self.data.format not in (*PAIR_FORMATS, "jsonl", "hpdv2") and not self.data.ranked_as_pairs:
+            raise ValueError(f"train-spm learns from preference pairs; data.format={self.data.format!r} gives none "
+                             "(use pickapic, jsonl pairs, hpdv2, or ranked with ranked_as_pairs)")  # fmt: skip
+        if self.spm.relabel == "pickscore" and self.cache.enabled:
+            raise ValueError("spm.relabel=pickscore scores the pairs' images, which the latent cache does not hold")
+        if self.validation.every:
+            raise ValueError("validation.every: train-spm has no validation images; set it to 0")
         return self
 
 
 # ---- loading -------------------------------------------------------------------------------------
+
+
+def load_spm_config(source: str | Path | dict, overrides: list[str] | None = None) -> SPMConfig:
+    return load(SPMConfig, source, overrides)
 
 
 def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> Config:

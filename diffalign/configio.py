@@ -20,10 +20,12 @@ from typing import Any, Literal, TypeVar
 import pydantic
 import yaml
 
+from diffalign.errors import UserError
+
 M = TypeVar("M", bound=pydantic.BaseModel)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot be used; the message says what to fix."""
 
 
@@ -34,13 +36,15 @@ def read_tree(source: str | Path | dict) -> dict:
     """The config as plain nested dicts / lists: a copy of a dict, or a YAML file's mapping."""
     if isinstance(source, dict):
         return copy.deepcopy(source)
+    from diffalign.data.sources import read_utf8_text
+
     path = Path(source)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} not found")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
+    try:  # safe_load: a tag naming Python code (!!python/object...) is an error, never run
+        tree = yaml.safe_load(read_utf8_text(path, error=ConfigError)) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level of a config must be a mapping")
     return tree
@@ -55,6 +59,21 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         key, raw = item.split("=", 1)
         out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
     return out
+
+
+def parse_cli(parser, argv: list[str] | None):
+    """`parser.parse_args` for commands that take `key.path=value` overrides (a positional with
+    nargs="*"): the overrides may come before, between or after the flags. A dotted key written as an
+    option (`--train.max_steps=4`) is a ConfigError saying how to write it."""
+    argv = list(argv or [])
+    known = {s for action in parser._actions for s in action.option_strings}
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name.startswith("-") and name not in known and "." in name:
+            if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                value = argv[i + 1]
+            raise ConfigError(f"unknown option {arg!r}: overrides take no dashes; write {name.lstrip('-')}={value or '...'}")
+    return parser.parse_intermixed_args(argv)
 
 
 def apply_overrides(tree: dict, overrides: list[str]) -> dict:
@@ -88,7 +107,8 @@ def load(model: type[M], source: str | Path | dict, overrides: list[str] | None 
     try:
         return model.model_validate(tree)
     except pydantic.ValidationError as err:
-        raise ConfigError(format_validation_error(err, model, what)) from None
+        where = "" if isinstance(source, dict) else f"{source}: "
+        raise ConfigError(where + format_validation_error(err, model, what)) from None
 
 
 # ---- readable errors ------------------------------------------------------------------------------
@@ -168,4 +188,8 @@ def _describe(e: dict, model: type[pydantic.BaseModel]) -> str:
 
 
 def format_validation_error(err: pydantic.ValidationError, model: type[pydantic.BaseModel], what: str = "config") -> str:
-    return f"invalid {what}:\n" + "\n".join(f"- {_describe(e, model)}" for e in err.errors())
+    """One problem: one line; several: one line each under a header."""
+    problems = [_describe(e, model) for e in err.errors()]
+    if len(problems) == 1:
+        return f"invalid {what}: {problems[0]}"
+    return f"invalid {what}:\n" + "\n".join(f"- {p}" for p in problems)

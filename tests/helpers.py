@@ -50,9 +50,10 @@ def assert_states_close(a: dict, b: dict, atol: float = 1e-6, rtol: float = 1e-5
         )
 
 
-def crash_then_resume(cfg_dict: dict, crash_at_step: int, monkeypatch):
+def crash_then_resume(cfg_dict: dict, crash_at_step: int, monkeypatch, runner=None):
     """Train until `crash_at_step` optimizer steps are done, die there (as a kill would), then resume from
-    the latest checkpoint and train to the end. Returns the resumed trainer."""
+    the latest checkpoint and train to the end. Returns the resumed trainer. `runner(cfg, resume=)` trains
+    (default: `run`)."""
     import pytest
 
     from diffalign.training.trainer import Trainer
@@ -64,11 +65,12 @@ def crash_then_resume(cfg_dict: dict, crash_at_step: int, monkeypatch):
             raise KeyboardInterrupt("simulated crash")
         return original(self, batches)
 
+    runner = runner or run
     monkeypatch.setattr(Trainer, "_optimizer_step", crashing)
     with pytest.raises(KeyboardInterrupt):
-        run(cfg_dict)
+        runner(cfg_dict)
     monkeypatch.setattr(Trainer, "_optimizer_step", original)
-    return run(cfg_dict, resume="latest")
+    return runner(cfg_dict, resume="latest")
 
 
 def launch(cfg_dict: dict, nproc: int, workdir) -> str:

@@ -116,6 +116,27 @@ def test_fingerprint_is_stable_across_processes():
     assert len(outs) == 1
 
 
+@pytest.mark.parametrize("family,scheduler", [("sd", "DDPMScheduler"), ("sdxl", "EulerDiscreteScheduler")])
+def test_full_export_keeps_the_base_models_own_scheduler(tmp_path, family, scheduler):
+    """Training draws DDPM noise whatever the folder's scheduler, but the exported pipeline (and the one
+    validation starts from) carries the base model's own: DDPM stays DDPM, SDXL's Euler stays Euler."""
+    import json
+
+    import diffusers
+
+    from diffalign.backbones.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline(family)
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    pipe.save_pretrained(str(tmp_path / "base"), safe_serialization=True)
+    bb = load_backbone(str(tmp_path / "base"))
+    assert type(bb.noise_scheduler).__name__ == "DDPMScheduler"  # the training noise process
+    assert type(bb.pipeline().scheduler).__name__ == scheduler
+    bb.save_pretrained(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["_class_name"] == scheduler
+
+
 def test_config_knows_every_registered_family():
     import typing
 

@@ -36,6 +36,8 @@ def test_demo_quick_runs_every_stage(tmp_path):
     assert results["models"]["mapo"]["train"]["drift_w"] is None
     table = (out / "results.md").read_text()
     assert "McNemar p vs base" in table and "DPO + winner term" in table
+    assert results["quick"] is True and "--quick` smoke run" in table  # the page says it is a smoke run
+    assert "--quick` smoke run" in (out / "index.html").read_text()
     assert "winner_weight: 500" in (out / "index.html").read_text()
     # the base was cached: a second run (one method) finds it
     proc = subprocess.run([sys.executable, "-m", "diffalign", "demo", "--quick", "--out", str(out), "--no-progress",
@@ -46,3 +48,12 @@ def test_demo_quick_runs_every_stage(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "diffalign", "demo", "--quick", "--methods", "ppo"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad.returncode == 2 and "unknown method" in bad.stderr
+
+
+def test_only_a_quick_run_says_it_is_one():
+    from diffalign.toy.demo import CORRECT, results_markdown
+
+    results = {"models": {"base": {"label": "base", "scores": {CORRECT: {"mean": 0.5, "sem": 0.1}}}},
+               "prompts": 2, "images_per_prompt": 1}  # fmt: skip
+    assert "smoke run" in results_markdown({**results, "quick": True})
+    assert "smoke run" not in results_markdown({**results, "quick": False})

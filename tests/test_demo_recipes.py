@@ -40,7 +40,7 @@ def test_every_demo_config_validates(tmp_path):
                 assert c.lora is None  # full fine-tuning, as the prototype
     dw = load_config(rendered(tmp_path)["toy_dpo_winner"][1])
     assert dw.objective.params()["winner_weight"] == 500.0
-    assert load_config(rendered(tmp_path)["toy_dpo"][1]).objective.params()["winner_weight"] == 0.0  # typed default
+    assert load_config(rendered(tmp_path)["toy_dpo"][1]).objective.params()["winner_weight"] == 0.0  # the default
 
 
 def test_base_cache_key_follows_the_recipe():
@@ -101,5 +101,5 @@ def test_toy_sampler_uses_the_model_folders_noise_schedule(tmp_path):
         build_init_backbone(replace(QUICK_RECIPE, prediction_type=pred)).save_pretrained(tmp_path / pred)
         gen = ToySamplerGenerator(unet=str(tmp_path / pred), device="cpu", steps=2)
         gen._load()
-        assert gen._parts.prediction_type == pred
+        assert gen._parts.process.prediction_type == pred
         assert len(gen.generate(["a red circle"], [0])) == 1

@@ -254,13 +254,18 @@ def test_tiny_flow_recipe_trains_checkpoints_resumes_and_exports(recipe, tmp_pat
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lora_export_loads_into_the_pipeline_eval_and_synpic(tmp_path, folders, family):
-    """The exported LoRA changes the real pipeline's output; `diffalign eval`'s generator and the Syn-Pic
-    diffusers generator load it too and make the same image."""
+    """The exported LoRA (alpha != rank) changes the real pipeline's output and loads at its trained scale;
+    `diffalign eval`'s generator and the Syn-Pic diffusers generator load it too and make the same image.
+    No kohya copy is written for these families, and the model card says so."""
     from diffalign.evaluation.generation import ModelLoadError, load_pipeline, make_generator
     from diffalign.synpic.generators import DiffusersGenerator
+    from diffalign.training.export import KOHYA_FILE
 
-    trainer = run(_cfg(tmp_path / "run", family, optim={"lr": 1e-2}, train={"max_steps": 2}))
+    trainer = run(_cfg(tmp_path / "run", family, optim={"lr": 1e-2}, train={"max_steps": 2},
+                       lora={"rank": 4, "alpha": 16}))  # fmt: skip
     final = trainer.out / "final"
+    assert not (final / KOHYA_FILE).exists()
+    assert f"no kohya copy for {family}" in (final / "README.md").read_text()
     guidance = {"sd3": 4.0, "flux": 3.5}[family]
 
     def image(pipe):
@@ -280,6 +285,8 @@ def test_lora_export_loads_into_the_pipeline_eval_and_synpic(tmp_path, folders, 
     trained = trainable_state(trainer)
     assert loaded.keys() == trained.keys()
     assert all(torch.equal(loaded[n], p) for n, p in trained.items())
+    scales = {m.scaling["default_0"] for m in pipe.transformer.modules() if hasattr(m, "scaling") and m.scaling}
+    assert scales == {4.0}  # alpha 16 / rank 4, from the export's metadata (without it diffusers assumes 1)
 
     import numpy as np
 

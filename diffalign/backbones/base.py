@@ -60,6 +60,9 @@ class Backbone:
     #: (the converter knows only the to_q/k/v/out names: MMDiT's context projections would stay in peft's
     #: format, and a key set mixing both is only partly loaded by StableDiffusion3Pipeline)
     lora_keys_diffusers: bool = True
+    #: a LoRA export also writes a kohya-format copy (diffusers' convert_state_dict_to_kohya, which maps
+    #: the SD / SDXL UNet's keys)
+    kohya_lora: bool = True
     #: sampling guidance is classifier-free (a conditional and an unconditional branch); False for
     #: guidance-distilled models (FLUX.1-dev takes the scale as an input)
     classifier_free_guidance: bool = True
@@ -68,6 +71,9 @@ class Backbone:
                  **process_options):  # fmt: skip
         self.denoiser = denoiser
         self.noise_scheduler = noise_scheduler
+        #: the scheduler the model folder names (Euler for SDXL base); pipelines and full exports carry it,
+        #: while training draws its noise from `noise_scheduler` (DDPM-family, as the reference scripts do)
+        self.pipeline_scheduler = noise_scheduler
         self.process: NoiseProcess = make_process(noise_scheduler, prediction_type, **process_options)
         self.source = source
 

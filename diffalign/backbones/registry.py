@@ -9,6 +9,7 @@ from pathlib import Path
 
 from diffalign.backbones import flux, sd, sd3, sdxl
 from diffalign.backbones.base import Backbone, Family
+from diffalign.errors import UserError
 
 _FAMILIES: dict[str, Family] = {
     f.name: f
@@ -46,16 +47,42 @@ def family_for_class(class_name: str) -> Family | None:
 
 
 def read_model_index(pretrained: str, revision: str | None = None) -> dict:
+    """model_index.json of a local folder or hub id; a ModelNotFound line saying what to do otherwise."""
+    import warnings
+
     from diffusers import DiffusionPipeline
 
     try:
-        return DiffusionPipeline.load_config(pretrained, revision=revision)
-    except Exception as err:  # a clear message instead of a hub traceback
-        where = "local folder" if Path(pretrained).exists() else "hub id"
-        raise FileNotFoundError(
-            f"could not read model_index.json from {where} {pretrained!r}: {err}. Give a diffusers pipeline "
-            f"folder or hub id, or tiny:<family> for tiny random models ({', '.join(families())})."
-        ) from err
+        with warnings.catch_warnings():  # diffusers passes hf_hub_download an argument it deprecated
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
+            return DiffusionPipeline.load_config(pretrained, revision=revision)
+    except Exception as err:  # one clear line instead of a hub traceback
+        raise ModelNotFound(_not_found(pretrained, err)) from err
+
+
+class ModelNotFound(UserError, FileNotFoundError):
+    """model.pretrained names no readable diffusers pipeline."""
+
+
+def _looks_local(name: str) -> bool:
+    return Path(name).exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def _not_found(pretrained: str, err: Exception) -> str:
+    from huggingface_hub import constants
+
+    builtin = f"tiny:<family> for tiny random models ({', '.join(families())})"
+    if _looks_local(pretrained):
+        if not Path(pretrained).expanduser().is_dir():
+            return f"model folder {pretrained!r} does not exist; give a diffusers pipeline folder (with model_index.json), a hub id, or {builtin}"
+        return f"{pretrained!r} holds no model_index.json, so it is not a diffusers pipeline folder; give one, a hub id, or {builtin}"
+    if constants.HF_HUB_OFFLINE:
+        return (f"hub model {pretrained!r} is not in the local Hugging Face cache and the hub is offline "
+                f"(HF_HUB_OFFLINE=1): download it once while online (`hf download {pretrained}`), or unset "
+                "HF_HUB_OFFLINE, or give a local folder")  # fmt: skip
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return (f"could not read model_index.json of hub model {pretrained!r} ({first}); check the id and your "
+            "connection, and log in (`hf auth login`) for gated or private models")  # fmt: skip
 
 
 def detect_family(pretrained: str, revision: str | None = None) -> Family:

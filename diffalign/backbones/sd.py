@@ -133,7 +133,7 @@ class StableDiffusionBackbone(Backbone):
             vae=self.vae,
             text_encoder=self.text_encoder,
             tokenizer=self.tokenizer,
-            scheduler=self.noise_scheduler,
+            scheduler=self.pipeline_scheduler,
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
@@ -186,7 +186,7 @@ class PixelBackbone(StableDiffusionBackbone):
         path = Path(path)
         denoiser = denoiser if denoiser is not None else self.denoiser
         parts = {"unet": denoiser, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer,
-                 "scheduler": self.noise_scheduler}  # fmt: skip
+                 "scheduler": self.pipeline_scheduler}  # fmt: skip
         for name, part in parts.items():
             kw = {"safe_serialization": True} if isinstance(part, nn.Module) else {}
             part.save_pretrained(str(path / name), **kw)
@@ -203,20 +203,30 @@ class PixelBackbone(StableDiffusionBackbone):
 
 def load_components(path, revision=None, variant=None, vae=None, with_vae=True) -> dict:
     """The Stable Diffusion-layout parts of a folder or hub id (unet, scheduler, tokenizer, text_encoder,
-    vae), frozen; `vae` (a path or hub id) replaces the folder's VAE. The scheduler is read as a
-    DDPMScheduler (the training schedule), or as FlowMatchEulerDiscreteScheduler when the folder's is a
-    flow-matching one (the flow toy)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
+    vae), frozen; `vae` (a path or hub id) replaces the folder's VAE. `scheduler` is the training schedule:
+    DDPM over the folder's scheduler config, or FlowMatchEulerDiscreteScheduler when the folder's is a
+    flow-matching one (the flow toy); `pipeline_scheduler` the class the folder names (export)."""
+    import diffusers
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        SchedulerMixin,
+        UNet2DConditionModel,
+    )
     from transformers import AutoTokenizer, CLIPTextModel
 
     from diffalign.backbones.processes import is_flow_scheduler
 
     kw = dict(revision=revision)
-    flow = is_flow_scheduler(DDPMScheduler.load_config(path, subfolder="scheduler", **kw))
+    scheduler_config = DDPMScheduler.load_config(path, subfolder="scheduler", **kw)
+    train_cls = FlowMatchEulerDiscreteScheduler if is_flow_scheduler(scheduler_config) else DDPMScheduler
+    own = getattr(diffusers, str(scheduler_config.get("_class_name")), None)  # a diffusers class, never a path
+    own = own if isinstance(own, type) and issubclass(own, SchedulerMixin) else train_cls
     parts = {
         "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kw),
-        "scheduler": (FlowMatchEulerDiscreteScheduler if flow else DDPMScheduler).from_pretrained(
-            path, subfolder="scheduler", **kw),
+        "scheduler": train_cls.from_config(scheduler_config),
+        "pipeline_scheduler": own.from_config(scheduler_config),
         "tokenizer": AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
         "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **kw),
     }
@@ -231,15 +241,19 @@ def load_components(path, revision=None, variant=None, vae=None, with_vae=True) 
 
 def load_sd(path, revision=None, variant=None, vae=None, prediction_type=None) -> StableDiffusionBackbone:
     c = load_components(path, revision, variant, vae)
-    return StableDiffusionBackbone(c["unet"], c["scheduler"], c["text_encoder"], c["tokenizer"], c["vae"],
-                                   prediction_type, source=path)  # fmt: skip
+    bb = StableDiffusionBackbone(c["unet"], c["scheduler"], c["text_encoder"], c["tokenizer"], c["vae"],
+                                 prediction_type, source=path)  # fmt: skip
+    bb.pipeline_scheduler = c["pipeline_scheduler"]
+    return bb
 
 
 def load_pixel(path, revision=None, variant=None, vae=None, prediction_type=None) -> PixelBackbone:
     if vae:
         raise ValueError(f"{path!r} is a pixel-space model; it takes no model.vae")
     c = load_components(path, revision, variant, with_vae=False)
-    return PixelBackbone(c["unet"], c["scheduler"], c["text_encoder"], c["tokenizer"], prediction_type, source=path)
+    bb = PixelBackbone(c["unet"], c["scheduler"], c["text_encoder"], c["tokenizer"], prediction_type, source=path)
+    bb.pipeline_scheduler = c["pipeline_scheduler"]
+    return bb
 
 
 def tiny_sd(prediction_type=None) -> StableDiffusionBackbone:

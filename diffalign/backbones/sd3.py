@@ -44,6 +44,9 @@ class MMDiTBackbone(StableDiffusionBackbone):
 
     lora_prefix = "transformer"
     lora_keys_diffusers = False
+    #: no kohya copy: kohya's SD3 / FLUX LoRA files name the original checkpoints' layers (fused qkv
+    #: projections), which diffusers' converter does not produce; tools read the diffusers file instead
+    kohya_lora = False
     #: the pipeline's default max_sequence_length
     default_max_sequence_length = 256
     #: T5's component name in the pipeline folder

@@ -64,7 +64,7 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
             text_encoder_2=self.text_encoder_2,
             tokenizer=self.tokenizer,
             tokenizer_2=self.tokenizer_2,
-            scheduler=self.noise_scheduler,
+            scheduler=self.pipeline_scheduler,
         )
 
 
@@ -75,8 +75,10 @@ def load_sdxl(path, revision=None, variant=None, vae=None, prediction_type=None)
     tokenizer_2 = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=revision)
     text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", variant=variant,
                                                                  revision=revision).requires_grad_(False)  # fmt: skip
-    return StableDiffusionXLBackbone(c["unet"], c["scheduler"], c["text_encoder"], c["tokenizer"], text_encoder_2,
-                                     tokenizer_2, c["vae"], prediction_type, source=path)  # fmt: skip
+    bb = StableDiffusionXLBackbone(c["unet"], c["scheduler"], c["text_encoder"], c["tokenizer"], text_encoder_2,
+                                   tokenizer_2, c["vae"], prediction_type, source=path)  # fmt: skip
+    bb.pipeline_scheduler = c["pipeline_scheduler"]
+    return bb
 
 
 def tiny_sdxl(prediction_type=None) -> StableDiffusionXLBackbone:

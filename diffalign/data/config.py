@@ -16,7 +16,8 @@ COLUMN_ROLES = (
 class DataConfig(pydantic.BaseModel, extra="forbid"):
     """Where the preference data comes from and how each item is turned into tensors."""
 
-    format: Literal["pickapic", "double_caption", "ranked", "jsonl", "hpdv2"]
+    #: prompts: prompt-only data for online methods (SPO), diffalign/data/prompts.py
+    format: Literal["pickapic", "double_caption", "ranked", "jsonl", "hpdv2", "prompts"]
     #: hub id | local parquet file / dir / glob | save_to_disk folder | .jsonl file | HPDv2 train.json |
     #: "builtin:pickapic" / "builtin:double_caption" / "builtin:ranked" (synthetic, written on first use)
     source: str
@@ -39,6 +40,10 @@ class DataConfig(pydantic.BaseModel, extra="forbid"):
     #: An image whose shorter side is below this is skipped (counted as "too_small"). None: max(8, resolution // 8),
     #: i.e. refuse to upscale more than 8x. 1x1 images are always skipped.
     min_image_side: int | None = pydantic.Field(None, ge=1)
+    #: A run stops (naming the counts) when more than this share of the items it reads are skipped
+    #: (undecodable, missing or too small images...): checked on the first items before any model loads,
+    #: then on everything read so far at each log step; `diffalign cache` checks it over the whole data.
+    max_skip_fraction: float = pydantic.Field(0.2, ge=0.0, le=1.0)
     #: Column renames, role -> name in the source, e.g. {"caption": "text"}. Roles: COLUMN_ROLES.
     columns: dict[str, str] = {}
     caption_column: str | None = None  # shorthand for columns={"caption": ...} (or "prompt" for ranked)
@@ -57,10 +62,10 @@ class DataConfig(pydantic.BaseModel, extra="forbid"):
     def _source_matches_format(self) -> DataConfig:
         if self.source.startswith("builtin:"):
             kind = self.source.split(":", 1)[1]
-            if kind not in ("pickapic", "double_caption", "ranked"):
+            if kind not in ("pickapic", "double_caption", "ranked", "prompts"):
                 raise ValueError(
-                    f"unknown builtin source {self.source!r}; use builtin:pickapic, builtin:double_caption "
-                    "or builtin:ranked"
+                    f"unknown builtin source {self.source!r}; use builtin:pickapic, builtin:double_caption, "
+                    "builtin:ranked or builtin:prompts"
                 )
             if kind != self.format:
                 raise ValueError(f"source {self.source!r} holds {kind} data but format is {self.format!r}")

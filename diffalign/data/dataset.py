@@ -77,6 +77,8 @@ class PreferenceDataset(Dataset):
         self.force_flip: bool | None = None
         self._build_stats = build_stats
         self._skipped: dict[str, set[int]] = {}
+        #: the first message of each skip reason (what a "too many skipped" error quotes)
+        self.skip_examples: dict[str, str] = {}
         self._min_side = cfg.effective_min_side()
         self._pair = cfg.format in schema.PAIR_FORMATS
         if self._pair:
@@ -136,6 +138,7 @@ class PreferenceDataset(Dataset):
     def _skip(self, reason: str, index: int, message: str) -> None:
         if index not in self._skipped.setdefault(reason, set()):
             logger.warning("skipping item %d (%s): %s", index, self.key(index), message)
+            self.skip_examples.setdefault(reason, f"item {index}: {message}")
         self._skipped[reason].add(index)
 
     # -- items

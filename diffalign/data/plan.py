@@ -175,6 +175,12 @@ def ranked_plan(cfg: DataConfig, src: RowSource, stats: Counter) -> Plan:
             "needs one K. Filter the rows to one K, or set ranked_as_pairs: true to train on (best, worst) pairs."
         )
     rows, orders, phis, n_images = [], [], [], []
+    if src.single_images:  # one image per row, no preference: what SFT and SePPO read (candidate 0 only)
+        if cfg.ranked_as_pairs:
+            raise DataFormatError(f"{src.description} holds one image per line (a plain image set): there are no "
+                                  "pairs to make; remove ranked_as_pairs")  # fmt: skip
+        keep = [i for i, phi in enumerate(all_phi) if phi is not None]
+        return keep, [(0,)] * len(keep), [(1.0,)] * len(keep), np.ones(len(keep), dtype=np.int64)
     for i, phi in enumerate(all_phi):
         if phi is None:
             continue
@@ -205,11 +211,14 @@ def ranked_plan(cfg: DataConfig, src: RowSource, stats: Counter) -> Plan:
 
 
 def json_source(cfg: DataConfig) -> RowSource:
-    """jsonl (pairs or ranked lists) or HPDv2 train.json, normalised to the ranked layout in memory."""
+    """jsonl (pairs, ranked lists or single images) or HPDv2 train.json, normalised to the ranked layout in
+    memory."""
     path = cfg.source
     if not os.path.isfile(path):
         raise DataFormatError(f"{cfg.format} source {path!r} is not a file")
     raw = read_json_rows(path)
+    if not raw:
+        raise DataFormatError(f"{cfg.format} source {path} holds no rows (empty, or blank lines only)")
     base = os.path.dirname(os.path.abspath(path))
     rows: list[dict[str, Any]] = []
     kind = None
@@ -218,8 +227,8 @@ def json_source(cfg: DataConfig) -> RowSource:
         if cfg.format == "hpdv2":
             need, this = schema.HPDV2_KEYS, "hpdv2"
         else:
-            this = "pair" if "chosen" in obj or "rejected" in obj else "ranked"
-            need = schema.JSONL_PAIR_KEYS if this == "pair" else schema.JSONL_RANKED_KEYS
+            this = "pair" if "chosen" in obj or "rejected" in obj else "image" if "image" in obj else "ranked"
+            need = {"pair": schema.JSONL_PAIR_KEYS, "image": schema.JSONL_IMAGE_KEYS}.get(this, schema.JSONL_RANKED_KEYS)
         kind = kind or this
         if this != kind:
             raise DataFormatError(f"{where}: mixes a {this} line into a file of {kind} lines")
@@ -233,6 +242,10 @@ def json_source(cfg: DataConfig) -> RowSource:
             raise DataFormatError(f"{where}: 'prompt' must be a string, got {type(prompt).__name__}")
         if this == "pair":
             images, pref = [obj["chosen"], obj["rejected"]], {"phi": [1.0, 0.0]}
+        elif this == "image":
+            if not isinstance(obj["image"], str):
+                raise DataFormatError(f"{where}: 'image' must be a path string, got {obj['image']!r}")
+            images, pref = [obj["image"]], {"phi": [1.0]}
         elif this == "hpdv2":
             images, pref = obj["file_path"], {"phi": obj["human_preference"]}
         else:
@@ -258,4 +271,6 @@ def json_source(cfg: DataConfig) -> RowSource:
         fields.append(("scores", pa.list_(pa.float64())))  # a dict of lists is accepted row by row
     st = os.stat(path)
     fp = _short_hash("json", os.path.abspath(path), st.st_size, len(rows))
-    return ListSource(rows, pa.schema(fields), os.path.abspath(path), base, fp)
+    src = ListSource(rows, pa.schema(fields), os.path.abspath(path), base, fp)
+    src.single_images = kind == "image"
+    return src

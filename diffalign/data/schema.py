@@ -36,6 +36,7 @@ RANKED_PREFERENCE_SOURCES = ("phi", "scores", "rank")
 JSONL_PROMPT = "prompt"
 JSONL_PAIR_KEYS = ("prompt", "chosen", "rejected")
 JSONL_RANKED_KEYS = ("prompt", "images")  # plus one of "phi" / "scores" / "rank"
+JSONL_IMAGE_KEYS = ("prompt", "image")  # a plain image + prompt set: items of one candidate (SFT, SePPO)
 
 # HPDv2 train.json: a list of {prompt, file_path: [..], human_preference: [0/1 ..]} (1 = preferred).
 HPDV2_KEYS = ("prompt", "file_path", "human_preference")

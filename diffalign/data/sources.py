@@ -20,8 +20,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from diffalign.errors import UserError
 
-class DataFormatError(ValueError):
+
+class DataFormatError(UserError, ValueError):
     """The source cannot be read as the configured format (missing / wrong-type columns, bad file...)."""
 
 
@@ -31,6 +33,7 @@ class RowSource:
     fingerprint: str  # short stable id of the source, part of every item key
     base_dir: str | None = None  # relative image paths are resolved against it
     description: str = ""
+    single_images: bool = False  # a plain image + prompt set (jsonl "image" lines): one candidate per item
 
     @property
     def column_names(self) -> list[str]:
@@ -241,7 +244,7 @@ def read_json_rows(path: str) -> list[dict[str, Any]]:
     if path.endswith(".json"):
         try:
             rows = json.loads(text)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, RecursionError) as err:
             raise DataFormatError(f"{path}: not valid JSON: {err}") from err
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise DataFormatError(f"{path}: expected a JSON list of objects")
@@ -253,8 +256,8 @@ def read_json_rows(path: str) -> list[dict[str, Any]]:
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataFormatError(f"{path} line {n}: not valid JSON: {err}") from err
+            except (json.JSONDecodeError, RecursionError) as err:  # RecursionError: nesting too deep
+                raise DataFormatError(f"{path} line {n}: not valid JSON: {err}") from None
             if not isinstance(obj, dict):
                 raise DataFormatError(f"{path} line {n}: expected a JSON object, got {type(obj).__name__}")
             rows.append(obj)

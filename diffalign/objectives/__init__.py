@@ -1,6 +1,6 @@
 """Training objectives as pure functions of per-candidate energies; look them up by name."""
 
-from diffalign.objectives import dpo, mapo, rankdpo  # noqa: F401  (register the built-ins)
+from diffalign.objectives import dpo, mapo, rankdpo, seppo, spo  # noqa: F401  (register the built-ins)
 from diffalign.objectives.base import _REGISTRY, Objective, Params
 
 __all__ = ["Objective", "Params", "available_objectives", "get_objective"]

@@ -58,6 +58,9 @@ class Objective:
     formats: tuple[str, ...] | None = None
     #: experience sources it can learn from; the first is the default
     experience: tuple[str, ...] = ("offline",)
+    #: the reference `train.reference: auto` gives: "auto" = adapters off for LoRA, a frozen copy for full
+    #: fine-tuning; "pool" = earlier checkpoints of the run (SePPO)
+    reference: str = "auto"
 
     @property
     def defaults(self) -> dict:

@@ -1,12 +1,12 @@
 """Reward models behind one interface: `create_scorer(name).score(images, prompts)`.
 
 Built-in scorers (each module imports torch-heavy libraries lazily, inside functions):
-`pickscore`, `hpsv2`, `hpsv2.1`, `imagereward`, `clipscore` (100*cos, ViT-L/14), `clip-s` (2.5*cos, ViT-B/32),
+`pickscore`, `spm` (the step-aware preference model of SPO), `hpsv2`, `hpsv2.1`, `imagereward`, `clipscore` (100*cos, ViT-L/14), `clip-s` (2.5*cos, ViT-B/32),
 `toy` and `toy_<field>` (the toy world's programmatic reward, diffalign/toy/reward.py).
 """
 
 # Imported for their @register_scorer side effect.
-from diffalign.rewards import clipscore, hps, imagereward, pickscore  # noqa: E402, F401, I001
+from diffalign.rewards import clipscore, hps, imagereward, pickscore, spm  # noqa: E402, F401, I001
 from diffalign.rewards.base import Scorer, available_scorers, create_scorer, register_lazy_scorer, register_scorer
 
 #: Scorers defined above this package (the toy world uses the rewards, not the other way round): name ->

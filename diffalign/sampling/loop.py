@@ -45,13 +45,20 @@ def _model_device(model) -> torch.device:
     return device if isinstance(device, torch.device) else next(model.parameters()).device
 
 
+def guided_output(backbone: Backbone, model, x: torch.Tensor, t, cond: Conditioning,
+                  uncond: Conditioning | None = None, guidance: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """The model output a guided step takes: the backbone's (CFG) prediction, made safe by the process."""
+    pred = backbone.guided_prediction(model, x, t, cond, uncond, guidance)
+    if uncond is not None and guidance > 1.0:
+        pred = backbone.process.clip_guided_output(pred)
+    return pred
+
+
 def denoise_step(backbone: Backbone, model, x: torch.Tensor, t, t_prev, cond: Conditioning,
                  uncond: Conditioning | None = None, guidance: float = 1.0, eta: float = 0.0,
                  noise: torch.Tensor | None = None) -> StepResult:  # fmt: skip
     """One guided step x_t -> x_prev: the backbone's (CFG) prediction, then the process's step."""
-    pred = backbone.guided_prediction(model, x, t, cond, uncond, guidance)
-    if uncond is not None and guidance > 1.0:
-        pred = backbone.process.clip_guided_output(pred)
+    pred = guided_output(backbone, model, x, t, cond, uncond, guidance)
     return backbone.process.step(pred, t, t_prev, x, eta, noise)
 
 
@@ -66,6 +73,25 @@ def transition_log_prob(backbone: Backbone, model, x: torch.Tensor, x_prev: torc
     if not bool((torch.as_tensor(step.std) > 0).all()):
         raise ValueError(f"the step at t={t} has zero variance (deterministic); it has no transition density")
     return gaussian_log_prob(x_prev, step.mean, step.std)
+
+
+def sampling_conditions(backbone: Backbone, prompts: Sequence[str], height: int, width: int, guidance: float,
+                        device, dtype) -> tuple[Conditioning, Conditioning | None]:  # fmt: skip
+    """(cond, uncond) for generating one image per prompt at height x width: the prompts' text conditioning and,
+    with guidance > 1 on a family that uses classifier-free guidance, the empty prompt's, each with the
+    sampler's micro-conditioning."""
+    n = len(prompts)
+    micro = {k: v.to(device) for k, v in backbone.sampling_conditioning(n, height, width).items()}
+    cond = {k: v.to(device, dtype) for k, v in backbone.encode_text(list(prompts)).items()} | micro
+    if guidance <= 1.0 or not backbone.classifier_free_guidance:  # FLUX.1-dev: guidance is an embedding
+        return cond, None
+    return cond, {k: v.to(device, dtype) for k, v in backbone.empty_conditioning(n).items()} | micro
+
+
+def sampling_schedule(backbone: Backbone, steps: int, height: int, width: int, schedule_kwargs: dict | None = None):
+    """The process's `steps`-step sampling schedule for height x width images, with the family's own
+    arguments (FLUX: sigmas and the dynamic shift) under any given `schedule_kwargs`."""
+    return backbone.process.schedule(steps, **(backbone.schedule_kwargs(height, width, steps) | (schedule_kwargs or {})))
 
 
 @dataclass
@@ -102,20 +128,14 @@ def sample(backbone: Backbone, model, prompts: Sequence[str], seeds: Sequence[in
     width = width or height
     shape = backbone.latent_shape(height, width)
     process = backbone.process
-    schedule = process.schedule(steps, **(backbone.schedule_kwargs(height, width, steps) | (schedule_kwargs or {})))
+    schedule = sampling_schedule(backbone, steps, height, width, schedule_kwargs)
     if trajectory and len(prompts) > batch_size:
         raise ValueError("trajectory=True needs all prompts in one batch (batch_size >= len(prompts))")
     traj = Trajectory() if trajectory else None
     out = []
     for start in range(0, len(prompts), batch_size):
         ps, ss = list(prompts[start : start + batch_size]), seeds[start : start + batch_size]
-        n = len(ps)
-        cond = {k: v.to(device, dtype) for k, v in backbone.encode_text(ps).items()}
-        cond |= {k: v.to(device) for k, v in backbone.sampling_conditioning(n, height, width).items()}
-        uncond = None
-        if guidance > 1.0 and backbone.classifier_free_guidance:
-            uncond = {k: v.to(device, dtype) for k, v in backbone.empty_conditioning(n).items()}
-            uncond |= {k: v.to(device) for k, v in backbone.sampling_conditioning(n, height, width).items()}
+        cond, uncond = sampling_conditions(backbone, ps, height, width, guidance, device, dtype)
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in ss]
         x = initial_noise(ss, shape, device, dtype, generators=gens) * process.init_noise_sigma
         if traj is not None:

@@ -7,9 +7,11 @@ Generates (or resumes) the Syn-Pic dataset a YAML config describes. Run under
 from __future__ import annotations
 
 import argparse
-import sys
+
+from diffalign.errors import cli_entry
 
 
+@cli_entry("diffalign synpic")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="diffalign synpic",
@@ -24,19 +26,17 @@ def main(argv: list[str] | None = None) -> int:
         "--overwrite", action="store_true", help="delete what the output directory holds and start over"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_intermixed_args(argv)
+    from diffalign.configio import parse_cli
 
-    from diffalign.synpic.config import ConfigError, load_config
+    args = parse_cli(parser, argv)
+
+    from diffalign.synpic.config import load_config
     from diffalign.synpic.run import run
     from diffalign.synpic.summary import to_markdown
 
     overrides = list(args.overrides) + ([f"output_dir={args.out}"] if args.out else [])
-    try:
-        cfg = load_config(args.config, overrides)
-        summary = run(cfg, overwrite=args.overwrite, progress=not args.no_progress)
-    except ConfigError as e:
-        print(f"diffalign synpic: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, overrides)
+    summary = run(cfg, overwrite=args.overwrite, progress=not args.no_progress)
     if summary is not None:
         print(to_markdown(summary))
         print(f"wrote {summary['rows']} rows to {cfg.output_dir}/data (summary: {cfg.output_dir}/summary.md)")

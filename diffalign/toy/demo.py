@@ -3,7 +3,7 @@ world, with its DDPM base or (`--process flow`) a rectified-flow one.
 
 1. base: the cached toy base model (diffalign.toy.base), trained by the real trainer on first use;
 2. data: toy Syn-Pic (`diffalign synpic` code: the base sampled k times per prompt, ranked by the toy reward);
-3. align: DPO, DPO + winner-likelihood term, MaPO, RankDPO, DCPO and SFT on winners, each a `diffalign train`
+3. align: DPO, DPO + winner-likelihood term, MaPO, RankDPO, DCPO, SFT on winners and SePPO, each a `diffalign train`
    config written to OUT/configs/ (recipes: diffalign/toy/recipes.py) and run by the real Trainer;
 4. evaluate: every model and the base on the toyworld suite (`diffalign eval` code), paired on the same
    prompts and seeds, with an exact McNemar test of each method against the base;
@@ -60,8 +60,10 @@ def final_metrics(train_dir: str | Path) -> dict:
     return json.loads(lines[-1]) if lines else {}
 
 
-def run_demo(recipe: DemoRecipe, out: str | Path = DEFAULT_OUT, progress: bool = True, log=print) -> dict:
-    """Run every stage into `out`; returns the results (also written to OUT/results.json)."""
+def run_demo(recipe: DemoRecipe, out: str | Path = DEFAULT_OUT, progress: bool = True, log=print,
+             quick: bool = False) -> dict:  # fmt: skip
+    """Run every stage into `out`; returns the results (also written to OUT/results.json). `quick`: the
+    recipe is the --quick smoke run, which the results and the page say."""
     from diffalign.evaluation.cli import build_scorers
     from diffalign.evaluation.generation import PixelGenerator
     from diffalign.evaluation.runner import ModelRun, run_eval
@@ -133,6 +135,7 @@ def run_demo(recipe: DemoRecipe, out: str | Path = DEFAULT_OUT, progress: bool =
     results["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     results["seconds"]["total"] = round(time.time() - t0, 1)
     results["out"] = str(out)
+    results["quick"] = quick
     table = results_markdown(results)
     (out / "results.md").write_text(table)
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -161,8 +164,12 @@ def collect(summary: dict, rows: dict[str, list[dict]], trained: dict[str, Path]
         if label != "base":
             row["mcnemar"] = paired_mcnemar(rows[label], rows["base"], CORRECT)
             m = final_metrics(trained[label])
-            row["train"] = {k: m.get(k) for k in ("loss", "implicit_acc", "drift_w", "drift_l", "err_w", "err_l")}
+            row["train"] = {k: m.get(k) for k in ("loss", "implicit_acc", "drift_w", "drift_l", "err_w", "err_l",
+                                                  "flip_frac")}  # fmt: skip
             row["objective"] = METHODS[label].objective
+            if label == "seppo":  # SePPO learns from the winners alone: also paired against DPO and SFT on them
+                row["mcnemar_vs"] = {o: paired_mcnemar(rows[label], rows[o], CORRECT) for o in ("dpo", "sft_winners")
+                                     if o in rows}  # fmt: skip
         models[label] = row
     return {"models": models, "suite": summary["suite"], "prompts": summary["prompts"],
             "images_per_prompt": summary["images_per_prompt"], "recipe": _recipe_dict(recipe)}  # fmt: skip
@@ -182,13 +189,23 @@ def _p(v) -> str:
     return "-" if v is None else (f"{v:.1e}" if v < 1e-3 else f"{v:.3f}")
 
 
+QUICK_NOTE = ("This is a `diffalign demo --quick` smoke run: a tiny model trained for a few steps, to check that "
+              "every stage works. Its numbers mean nothing; run `diffalign demo` for the comparison.")  # fmt: skip
+
+
+def quick_note(results: dict) -> str:
+    """The warning a --quick run's table and page carry ("" for a full run)."""
+    return QUICK_NOTE if results.get("quick") else ""
+
+
 def results_markdown(results: dict) -> str:
     base = results["models"]["base"]["scores"][CORRECT]["mean"]
     head = ["model"] + [h for _, h in COLUMNS] + ["Δ accuracy", "better / worse images", "McNemar p vs base",
                                                   "drift_w", "drift_l"]  # fmt: skip
     process = results.get("recipe", {}).get("base", {}).get("process", "ddpm")
     world = "Toy world" if process == "ddpm" else "Toy world with a flow-matching base (velocity, Euler sampling)"
-    lines = [f"{world}, {results['prompts']} prompts x {results['images_per_prompt']} images, the same seeds for "
+    lines = [f"**{quick_note(results)}**", ""] if quick_note(results) else []
+    lines += [f"{world}, {results['prompts']} prompts x {results['images_per_prompt']} images, the same seeds for "
              "every model (mean ± standard error).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
     for name, m in results["models"].items():
@@ -210,6 +227,11 @@ def results_markdown(results: dict) -> str:
               "(the discordant pairs of the exact McNemar test). drift_w / drift_l: the last logged "
               "policy-minus-reference denoising error of the preferred / rejected images (needs a reference "
               "model: not logged for MaPO and SFT). Positive drift_w: the preferred images became LESS likely.", ""]
+    for m in results["models"].values():
+        for other, mc in (m.get("mcnemar_vs") or {}).items():
+            if mc:
+                lines.append(f"{m['label']} against {results['models'][other]['label']}: better / worse images "
+                             f"{mc['a_only']} / {mc['b_only']}, McNemar p = {_p(mc['p_value'])}.")  # fmt: skip
     if "seconds" in results:
         s = results["seconds"]
         lines.append("Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in s.items()) + ".")
@@ -331,7 +353,7 @@ def _md_table_to_html(md: str) -> str:
         tag = "th" if i == 0 else "td"
         out.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>")
     out.append("</table>")
-    notes = [ln for ln in md.splitlines() if ln and not ln.startswith("|")]
+    notes = [ln for ln in md.splitlines() if ln and not ln.startswith("|") and QUICK_NOTE not in ln]  # a banner
     return "\n".join(out) + "".join(f"<p>{html.escape(n)}</p>" for n in notes)
 
 
@@ -343,6 +365,7 @@ def write_html(results: dict, table_md: str, path: Path) -> Path:
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 7px;font-size:13px}}img{{image-rendering:pixelated}}</style></head><body>
 <h1>diffalign demo: preference alignment in the toy world</h1>
+{f"<p style='border:2px solid #c00;padding:6px'><b>{html.escape(quick_note(results))}</b></p>" if quick_note(results) else ""}
 <p>A tiny pixel-space text-to-image model (the <b>base</b>) was trained on rendered shapes whose captions were
 deliberately corrupted, so it follows prompts like "a red circle" only part of the time. It then generated
 its own preference data (toy Syn-Pic: {results['recipe']['k']} samples per prompt group, ranked by a programmatic
@@ -391,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
 
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()
-    results = run_demo(recipe, args.out, progress=not args.no_progress)
+    results = run_demo(recipe, args.out, progress=not args.no_progress, quick=args.quick)
     out = Path(args.out)
     print()
     print((out / "results.md").read_text())

@@ -10,6 +10,7 @@ through diffalign.synpic.generators.GENERATORS).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -79,6 +80,13 @@ class ToySamplerGenerator:
         self.device = device
         self._unet = unet_model
         self._parts = None
+        if unet is not None and unet_model is None and not Path(unet).exists():
+            from diffalign.errors import MissingFile
+            from diffalign.toy.recipes import DEFAULT_OUT, paths
+
+            raise MissingFile(f"toy generator {name!r}: model folder {unet} does not exist. The toy configs read "
+                              f"the base model `diffalign demo` writes to {paths(DEFAULT_OUT)['base']}: run "
+                              "`diffalign demo` (or `diffalign demo --quick`) first, or point `unet` at a model folder")  # fmt: skip
 
     def _load(self):
         from pathlib import Path

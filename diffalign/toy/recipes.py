@@ -20,7 +20,12 @@ gain (docs/demo.md).
 - dcpo: DCPO on the same pairs as dpo, each image captioned by what the toy reward reads in it
   (diffalign/toy/dual_captions.py), beta 2000 like dpo so that the captions are the only difference (DCPO's
   own default, 500, was tuned for SD 2.1 next to DPO's 5000);
-- sft_winners: supervised fine-tuning on the best image of each pair.
+- sft_winners: supervised fine-tuning on the best image of each pair;
+- seppo: SePPO on the same winners, each against a sample drawn during training, from the same prompt, by a
+  reference drawn from the run's own checkpoints (every align_steps / 8 steps, theta_0 included), with the
+  anchor flip; beta 2000 like dpo. The sample is made with the demo's own sampler (DDIM sample_steps, no
+  guidance), a whole micro-batch at a time (sampler.batch_size = pairs per step: faster than 1, and equal
+  to it only up to float rounding, which the demo does not need).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import Literal
 import yaml
 
 from diffalign.toy.base import BaseRecipe, train_config
+from diffalign.toy.world import all_prompts
 
 #: the demo's default output folder; the committed configs/toy_*.yaml are rendered for it
 DEFAULT_OUT = "runs/demo"
@@ -45,9 +51,11 @@ class Method:
     objective: dict
     lr: float
     #: pairs: (best, worst) of each Syn-Pic row; lists: the full ranked list; dual_captions: those pairs, one
-    #: caption per image (diffalign.toy.dual_captions)
-    data: Literal["pairs", "lists", "dual_captions"] = "pairs"
+    #: caption per image (diffalign.toy.dual_captions); prompts: the Syn-Pic rows' prompts only (online methods)
+    data: Literal["pairs", "lists", "dual_captions", "prompts"] = "pairs"
     note: str = ""
+    #: the loser of each pair is sampled during training by the reference (experience.source generated)
+    generated: bool = False
 
 
 METHODS: dict[str, Method] = {
@@ -63,6 +71,10 @@ METHODS: dict[str, Method] = {
         Method("dcpo", "DCPO", {"name": "dcpo", "beta": 2000.0}, 1e-4, data="dual_captions",
                note="DPO pairs, each image captioned by what it shows (DCPO-c, exact captioner)"),
         Method("sft_winners", "SFT on winners", {"name": "sft"}, 1e-4, note="the best image of each group"),
+        Method("seppo", "SePPO", {"name": "seppo", "beta": 2000.0}, 1e-4, generated=True,
+               note="the winners only, each against a sample by a reference drawn from earlier checkpoints"),
+        Method("spo", "SPO", {"name": "spo"}, 1e-4, data="prompts",
+               note="online: the model's own DDIM steps, 4 candidates per step scored by the toy reward on x0-hat"),
     )
 }  # fmt: skip
 
@@ -131,7 +143,16 @@ def synpic_config(out: str | Path, r: DemoRecipe = DemoRecipe()) -> dict:
     }
 
 
+#: SPO in the toy world: the SD1.5 recipe's resampler (4 candidates, threshold 0.3, one trajectory for the first
+#: 20% of the steps: 2 of 10) on the demo's sampler (DDIM with eta 1, no guidance), 8 prompts per rollout,
+#: pairs_per_step pairs per step, the toy reward on x0-hat as the step scorer (docs/demo.md)
+SPO_ROLLOUT = {"scorer": "toy", "candidates": 4, "divert_start_step": 2, "inner_steps": 0, "threshold": 0.3}
+SPO_PROMPTS_PER_ROLLOUT = 8
+
+
 def _align_data(m: Method, p: dict[str, str], r: DemoRecipe) -> dict:
+    if m.data == "prompts":
+        return {"format": "prompts", "source": p["data"], "caption_column": "prompt", "resolution": r.base.size}
     if m.data == "dual_captions":
         return {"format": "double_caption", "source": p["dual_captions"], "resolution": r.base.size}
     return {"format": "ranked", "source": p["data"], "resolution": r.base.size, "ranked_as_pairs": m.data == "pairs"}
@@ -140,17 +161,29 @@ def _align_data(m: Method, p: dict[str, str], r: DemoRecipe) -> dict:
 def align_config(method: str, out: str | Path, r: DemoRecipe = DemoRecipe()) -> dict:
     m = METHODS[method]
     p = paths(out)
-    return {
+    batch = r.align_images // (r.k if m.data == "lists" else 2)
+    online = {}
+    if m.data == "prompts":  # batch = kept transition pairs per step; the rollouts read prompts
+        online = {"experience": {"sampler": {"steps": r.sample_steps, "guidance": r.guidance, "eta": 1.0,
+                                             "batch_size": SPO_PROMPTS_PER_ROLLOUT},
+                                 "rollout": SPO_ROLLOUT | {"pairs_per_step": batch,
+                                                           "divert_start_step": min(2, r.sample_steps - 1)}}}
+        batch = min(SPO_PROMPTS_PER_ROLLOUT, len(all_prompts()) * r.groups_per_prompt)
+    cfg = {
         "model": {"pretrained": p["base"]},
         "data": _align_data(m, p, r),
         "objective": dict(m.objective),
+        **online,
         "optim": {"lr": m.lr},
-        "train": {"batch_size": r.align_images // (r.k if m.data == "lists" else 2), "max_steps": r.align_steps,
-                  "seed": 0},  # fmt: skip
+        "train": {"batch_size": batch, "max_steps": r.align_steps, "seed": 0},
         "logging": {"every": max(1, min(10, r.align_steps)), "tensorboard": False},
         "checkpoint": {"every": r.align_steps, "keep": 1},
         "output_dir": f"{p['train']}/{method}",
     }
+    if m.generated:  # SePPO: the checkpoints are the reference pool's members
+        cfg["experience"] = {"sampler": {"steps": r.sample_steps, "guidance": r.guidance, "batch_size": batch}}
+        cfg["checkpoint"] = {"every": max(1, r.align_steps // 8), "keep": 1}
+    return cfg
 
 
 def base_config(out: str | Path, r: DemoRecipe = DemoRecipe()) -> dict:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -26,14 +25,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from diffalign.atomic import atomic_path, remove_temps, write_atomic
+from diffalign.configio import ConfigError
 from diffalign.data.dataset import candidate_flips, item_draws
+from diffalign.errors import MissingFile, UserError, check_safetensors, cli_entry
 
 INDEX = "index.json"
 FORMAT_VERSION = 2  # 2: text conditioning in the training precision (text_dtype)
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class CacheMismatchError(ValueError):
+class CacheMismatchError(UserError, ValueError):
     pass
 
 
@@ -48,7 +49,7 @@ def _caption_id(caption: str) -> str:
 def fingerprint(cfg, backbone, n_items: int) -> dict:
     d = cfg.data
     data = d.model_dump(mode="json")
-    for k in ("max_items",):  # a cache of more items serves a run that uses fewer
+    for k in ("max_items", "max_skip_fraction"):  # a cache of more items serves a run that uses fewer
         data.pop(k, None)
     return {"version": FORMAT_VERSION, "model": backbone.fingerprint(), "data": data, "seed": cfg.train.seed,
             "dtype": cfg.cache.dtype, "text_dtype": cfg.train.mixed_precision}
@@ -74,14 +75,17 @@ def build_cache(cfg, backbone=None, device: str | None = None, shard_items: int 
     from diffalign.data import build_preference_dataset
 
     if cfg.data.random_crop:
-        raise ValueError("data.random_crop cannot be cached (the crop changes every epoch); set "
-                         "data.random_crop=false or cache.enabled=false")
+        raise ConfigError("data.random_crop cannot be cached (the crop changes every epoch); set "
+                          "data.random_crop=false or cache.enabled=false")
+    from diffalign.training.preflight import check_skip_share, probe_data
+
+    ds = build_preference_dataset(cfg.data, seed=cfg.train.seed)
+    probe_data(ds, cfg.data.max_skip_fraction)  # before the model loads
     backbone = backbone or backbone_from_config(cfg.model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     text_dtype = weight_dtype(cfg.train.mixed_precision)
     backbone.place(device, text_dtype, cfg.model.vae_fp32)
     dtype = _DTYPES[cfg.cache.dtype]
-    ds = build_preference_dataset(cfg.data, seed=cfg.train.seed)
     out = cache_dir_for(cfg)
     out.mkdir(parents=True, exist_ok=True)
     remove_temps(out)  # shards of a killed build
@@ -137,26 +141,41 @@ def build_cache(cfg, backbone=None, device: str | None = None, shard_items: int 
             n_in_shard = 0
     ds.force_flip = None
     flush()
+    check_skip_share(ds, len(ds) - len(items), len(ds), cfg.data.max_skip_fraction, "of the data")  # no index then
     index = {"fingerprint": fingerprint(cfg, backbone, len(ds)), "n_items": len(ds), "items": items,
              "captions": captions, "cond_keys": cond_keys, "skipped": len(ds) - len(items)}
     write_atomic(out / INDEX, json.dumps(index))
     return out
 
 
+def verify_cache(path: str | Path) -> dict:
+    """The cache's index, after checking that every shard it names is a complete safetensors file (a
+    truncated or missing shard is named); read before any model loads."""
+    path = Path(path)
+    fix = "rebuild it with `diffalign cache <config>` (or set cache.enabled=false)"
+    if not (path / INDEX).is_file():
+        raise MissingFile(f"no cache at {path}: run `diffalign cache <config>` first (or set cache.enabled=false)")
+    try:
+        index = json.loads((path / INDEX).read_text())
+        shards = sorted(set(index["items"].values()) | set(index["captions"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise UserError(f"{path / INDEX} is unreadable ({err}); {fix}") from None
+    for shard in shards:
+        check_safetensors(path / shard, fix)
+    return index
+
+
 class CachedPreferenceDataset(torch.utils.data.Dataset):
     """Items from a cache directory, shaped like PreferenceDataset items plus latent/cond tensors."""
 
-    def __init__(self, path: str | Path, backbone, cfg):
+    def __init__(self, path: str | Path, backbone, cfg, data=None):
         from diffalign.data import build_preference_dataset
 
         self.path = Path(path)
-        if not (self.path / INDEX).is_file():
-            raise FileNotFoundError(f"no cache at {self.path}: run `diffalign cache <config>` first "
-                                    "(or set cache.enabled=false)")
-        self.index = json.loads((self.path / INDEX).read_text())
+        self.index = verify_cache(self.path)
         self.cfg = cfg
         # the light part of the dataset (captions order, phi, keys) comes from the real loader
-        self.data = build_preference_dataset(cfg.data, seed=cfg.train.seed)
+        self.data = data if data is not None else build_preference_dataset(cfg.data, seed=cfg.train.seed)
         want = fingerprint(cfg, backbone, len(self.data))
         diffs = _diff(self.index["fingerprint"], want)
         if diffs:
@@ -226,21 +245,19 @@ class CachedPreferenceDataset(torch.utils.data.Dataset):
         return out
 
 
+@cli_entry("diffalign cache")
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from diffalign.config import ConfigError, load_config
+    from diffalign.config import load_config
+    from diffalign.configio import parse_cli
 
     p = argparse.ArgumentParser(prog="diffalign cache", description="Precompute VAE latents and text conditioning.")
     p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, anywhere on the line: cache.dir=/data/cache")
     p.add_argument("--device", default=None)
-    args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"diffalign cache: {err}", file=sys.stderr)
-        return 2
+    args = parse_cli(p, argv)
+    cfg = load_config(args.config, args.overrides)
     out = build_cache(cfg, device=args.device)
     print(f"cache written to {out}; train with cache.enabled=true cache.dir={out}")
     return 0

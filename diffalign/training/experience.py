@@ -12,6 +12,8 @@ from a model to per-candidate energies) and runs the same step for every method:
   RankDPO, SFT on preference data.
 - `GeneratedSource`: the preferred candidate from the data, the other sampled during training by a module
   the source is given (the reference's, or the policy): SPIN-Diffusion, SePPO.
+- `RolloutSource`: prompts only; the policy rolls them out through SPO's step-wise resampler and the kept
+  (win, lose) denoising transitions are the candidates: SPO.
 
 Determinism: every draw (timestep, noise, VAE posterior sample, generation seeds) is a function of
 (train.seed, the item's position in the data stream), so accumulation, N processes and resume replay the
@@ -38,6 +40,8 @@ class Experience:
     phi: torch.Tensor  # [B, K] preference strength of each candidate, best first
     energy: Energy  # model -> [B, K] float32 energies (lower = the model likes the candidate more)
     metrics: dict[str, float] = field(default_factory=dict)
+    #: the loss's weight on this process (1 unless a source splits a mini-batch unevenly across processes)
+    weight: float = 1.0
 
 
 def stream_seed(seed: int, stream: str, position: int) -> int:
@@ -208,3 +212,201 @@ class GeneratedSource(OfflineSource):
         phi = torch.tensor([[1.0, 0.0]], device=self.device).expand(B, 2)
         return Experience(phi=phi, energy=lambda model: mse_energy(self.backbone, model, x0, noise, t, cond,
                                                                    self.fused_energy))
+
+
+class RolloutSource:
+    """SPO's online experience: each batch of prompts is rolled out now by the policy through the step-wise
+    resampler (diffalign/sampling/resample.py), and the kept (win, lose) transitions are trained on in
+    mini-batches of `pairs_per_step` pairs per process, several optimizer steps per rollout, as the reference's
+    training loop does (RockeyCoss/SPO train_spo.py: gather every process's pairs, shuffle them with one
+    permutation, split them across processes, train in `train_batch_size` chunks).
+
+    The energy of a pair is -log p(x_{t-1} | x_t) of the winner's and the loser's transition (the stochastic
+    DDIM / flow-SDE Gaussian with classifier-free guidance, as sampled), under the model given.
+
+    Determinism: prompt i's rollout draws come from stream_seed(seed, "rollout", its stream position), the
+    shuffle of a rollout's pairs from stream_seed(seed, "pairs", the rollout's micro-batch index). The kept
+    pairs of every process are gathered in process order and mini-batch j gives process r the shuffled pairs
+    j * G + r, j * G + r + N, ... (G = pairs_per_step x N processes), so N processes see the same pairs as one
+    process with N times the prompts and pairs per step. A process whose share of a rollout's last, partial
+    mini-batch is empty computes a stand-in pair with loss weight 0, so that every process runs the same
+    forward and backward passes; each share's loss is weighted by N x its pairs / the mini-batch's pairs, so
+    the processes' mean gradient is the mean over the mini-batch's pairs. A rollout that keeps no pair on
+    any process yields nothing (`next` returns None), and the trainer reads the next batch of prompts; the
+    pairs not yet trained on are part of every checkpoint (`save_state`)."""
+
+    kind = "rollout"
+    STATE_FILE = "rollout.safetensors"
+
+    def __init__(self, backbone: Backbone, seed: int, resolution: int, device, dtype: torch.dtype, global_batch: int,
+                 local_batch: int, rank: int, world: int, scorer, steps: int = 20, guidance: float = 5.0,
+                 eta: float = 1.0, sample_batch: int = 1, candidates: int = 4, divert_start_step: int = 4,
+                 inner_steps: int = 0, threshold: float = 0.3, pairs_per_step: int = 10, unwrap=lambda m: m,
+                 autocast=None):  # fmt: skip
+        import contextlib
+
+        self.backbone, self.seed, self.resolution = backbone, seed, resolution
+        self.device, self.dtype = device, dtype
+        self.global_batch, self.local_batch, self.rank, self.world = global_batch, local_batch, rank, world
+        self.scorer = scorer  # fn(images in [-1, 1], prompts, t) -> scores (diffalign.rewards.spm.as_step_scorer)
+        self.steps, self.guidance, self.eta, self.sample_batch = steps, guidance, eta, sample_batch
+        self.candidates, self.divert_start_step, self.inner_steps = candidates, divert_start_step, inner_steps
+        self.threshold, self.pairs_per_step = threshold, pairs_per_step
+        self.unwrap = unwrap
+        self.autocast = autocast or contextlib.nullcontext
+        from diffalign.sampling.loop import sampling_schedule
+
+        self.schedule = sampling_schedule(backbone, steps, resolution, resolution)  # the resampler's
+        self.buffer: dict | None = None
+
+    # ---- rollouts ---------------------------------------------------------------------------------------
+    def pending(self) -> bool:
+        """True while pairs of an earlier rollout are left to train on (the trainer then reads no data)."""
+        return self.buffer is not None
+
+    def rollout_seeds(self, positions: list[int]) -> list[int]:
+        return [stream_seed(self.seed, "rollout", p) for p in positions]
+
+    def rollout(self, prompts: list[str], micro: int, policy) -> None:
+        """Roll out this process's prompts of micro-batch `micro`, gather every process's kept pairs and
+        shuffle them into the buffer (left None when no process kept a pair)."""
+        from diffalign.sampling.resample import resample
+
+        first = micro * self.global_batch + self.rank * self.local_batch
+        seeds = self.rollout_seeds(list(range(first, first + len(prompts))))
+        with torch.no_grad(), self.autocast():
+            pairs = resample(self.backbone, self.unwrap(policy), prompts, seeds, self.scorer, steps=self.steps,
+                             guidance=self.guidance, eta=self.eta, divert_start=self.divert_start_step,
+                             candidates=self.candidates, inner_steps=self.inner_steps, threshold=self.threshold,
+                             height=self.resolution, width=self.resolution, batch_size=self.sample_batch)  # fmt: skip
+        meta = _all_gather_objects({"n": len(pairs), "prompts": list(prompts), "scores": pairs.scores.tolist(),
+                                    "compared": pairs.compared, "kept": pairs.kept}, self.world)  # fmt: skip
+        counts = [m["n"] for m in meta]
+        n = sum(counts)
+        scores = torch.tensor([s for m in meta for s in m["scores"]])
+        compared = sum(m["compared"] for m in meta)
+        self.last_metrics = {
+            "kept_fraction": sum(m["kept"] for m in meta) / max(compared, 1),
+            "rollout_pairs": float(n),
+            "preference_score_mean": float(scores.mean()) if len(scores) else 0.0,
+            "preference_score_std": float(scores.std()) if len(scores) > 1 else 0.0,
+        }
+        if n == 0:
+            self.buffer = None
+            return
+        offsets = [sum(len(m["prompts"]) for m in meta[:r]) for r in range(self.world)]
+        prompt_index = _gather_rows(pairs.prompt + offsets[self.rank], counts, self.world, self.device)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(stream_seed(self.seed, "pairs", micro)))
+        self.buffer = {
+            "x": _gather_rows(pairs.x.to(self.device), counts, self.world, self.device),
+            "prev": _gather_rows(pairs.prev.to(self.device), counts, self.world, self.device),
+            "step": _gather_rows(pairs.step, counts, self.world, self.device).cpu(),
+            "prompt": prompt_index.cpu(),
+            "order": perm,
+            "prompts": [p for m in meta for p in m["prompts"]],
+            "next": 0,
+            "metrics": dict(self.last_metrics),
+        }
+
+    # ---- mini-batches -----------------------------------------------------------------------------------
+    def next(self, batch: dict, micro: int | None, policy=None, reference=None) -> Experience | None:
+        """A new batch of prompts (micro given) is rolled out first; then the next mini-batch of pairs."""
+        if micro is not None:
+            self.rollout(list(batch["prompts"]), micro, policy)
+            if self.buffer is None:
+                return None
+        buf = self.buffer
+        G = self.pairs_per_step * self.world
+        j = buf["next"]
+        chunk = buf["order"][j * G : (j + 1) * G]
+        mine = chunk[self.rank :: self.world]
+        weight = self.world * len(mine) / len(chunk)
+        if len(mine) == 0:  # a stand-in pair with no weight, so that every process runs forward and backward
+            mine = chunk[:1]
+        buf["next"] = j + 1
+        if buf["next"] * G >= len(buf["order"]):
+            self.buffer = None
+        return self._experience(buf, mine, weight)
+
+    def _experience(self, buf: dict, idx: torch.Tensor, weight: float) -> Experience:
+        from diffalign.sampling.loop import sampling_conditions, transition_log_prob
+
+        bb, n = self.backbone, len(idx)
+        x = buf["x"][idx.to(buf["x"].device)].flatten(0, 1)  # [2n, ...]: winner, loser of each pair
+        prev = buf["prev"][idx.to(buf["prev"].device)].flatten(0, 1)
+        steps = buf["step"][idx].repeat_interleave(2)
+        t = torch.stack([torch.as_tensor(self.schedule[s][0]) for s in steps.tolist()])
+        t_prev = torch.stack([torch.as_tensor(self.schedule[s][1]) for s in steps.tolist()])
+        prompts = [buf["prompts"][int(p)] for p in buf["prompt"][idx].repeat_interleave(2)]
+        unique = list(dict.fromkeys(prompts))
+        cond, uncond = sampling_conditions(bb, unique, self.resolution, self.resolution, self.guidance, self.device,
+                                           self.dtype)  # fmt: skip
+        rows = torch.tensor([unique.index(p) for p in prompts])
+        cond = {k: v[rows.to(v.device)] for k, v in cond.items()}
+        uncond = {k: v[rows.to(v.device)] for k, v in uncond.items()} if uncond is not None else None
+
+        def energy(model) -> torch.Tensor:
+            lp = transition_log_prob(bb, model, x, prev, t, t_prev, cond, uncond, self.guidance, self.eta)
+            return -lp.view(n, 2)
+
+        phi = torch.tensor([[1.0, 0.0]], device=self.device).expand(n, 2)
+        metrics = {"pairs": float(n if weight else 0), **buf["metrics"]}
+        return Experience(phi=phi, energy=energy, metrics=metrics, weight=weight)
+
+    # ---- checkpoints ------------------------------------------------------------------------------------
+    def save_state(self, folder) -> None:
+        """The pairs not yet trained on (the same on every process; the main process writes them)."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        path = Path(folder) / self.STATE_FILE
+        if self.buffer is None:
+            return
+        buf = self.buffer
+        tensors = {k: buf[k].detach().cpu().contiguous() for k in ("x", "prev", "step", "prompt", "order")}
+        meta = {"next": str(buf["next"]), "prompts": json.dumps(buf["prompts"]), "metrics": json.dumps(buf["metrics"])}
+        save_file(tensors, str(path), metadata=meta)
+
+    def load_state(self, folder) -> None:
+        import json
+        from pathlib import Path
+
+        from safetensors import safe_open
+
+        path = Path(folder) / self.STATE_FILE
+        if not path.is_file():
+            self.buffer = None
+            return
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            buf = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open has no __iter__)
+        buf["x"], buf["prev"] = buf["x"].to(self.device), buf["prev"].to(self.device)
+        buf |= {"next": int(meta["next"]), "prompts": json.loads(meta["prompts"]), "metrics": json.loads(meta["metrics"])}
+        self.buffer = buf
+
+
+def _all_gather_objects(obj, world: int) -> list:
+    """[obj of process 0, ..., obj of process N-1] (small metadata: counts, prompts, scores)."""
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _gather_rows(t: torch.Tensor, counts: list[int], world: int, device) -> torch.Tensor:
+    """Every process's rows of t (counts[r] rows on process r), concatenated in process order."""
+    if world == 1:
+        return t
+    import torch.distributed as dist
+
+    t = t.to(device)
+    padded = torch.zeros((max(counts), *t.shape[1:]), dtype=t.dtype, device=device)
+    padded[: len(t)] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)])

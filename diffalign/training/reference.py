@@ -6,8 +6,9 @@ reference energies (or generated candidates) come from, or None.
   no second copy. The switch is made on the inner module, but the forward runs through the prepared
   (wrapped) policy, so a distributed wrapper sees every call.
 - `frozen_copy`: a frozen duplicate of the denoiser taken before training (full fine-tuning).
-- `pool`: a checkpoint pool: earlier checkpoints of this run, one drawn per step (SePPO's Random
-  Checkpoint Replay). Draws are keyed on (seed, step), so resume and N processes replay them.
+- `pool`: earlier checkpoints of this run, one drawn per optimizer step (SePPO's Random Checkpoint
+  Replay). Draws are keyed on (seed, step) and membership is a function of the step, so resume and N
+  processes replay them.
 
 Every reference hears about each optimizer step (`on_step`) and each saved checkpoint (`on_checkpoint`).
 """
@@ -16,10 +17,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
+import os
+import shutil
+import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
+
+from diffalign.atomic import atomic_path
+from diffalign.training.experience import stream_seed
 
 
 @contextlib.contextmanager
@@ -51,6 +61,10 @@ class Reference:
     def describe(self) -> str:
         return self.name
 
+    def metrics(self) -> dict[str, float]:
+        """Per-micro-batch values to log beside the objective's (the pool: which checkpoint was drawn)."""
+        return {}
+
 
 class AdapterOffReference(Reference):
     name = "lora_off"
@@ -81,11 +95,215 @@ class FrozenCopyReference(Reference):
         yield self.module
 
 
-REFERENCE_KINDS = ("auto", "lora_off", "frozen_copy")
+@contextlib.contextmanager
+def keep_trainability(model: nn.Module):
+    """peft's set_adapter (and add / delete) makes the active adapter trainable and every other one
+    frozen; inside this block adapters may be switched, and afterwards every parameter trains exactly as
+    before it (new parameters, a pool adapter's, stay frozen)."""
+    before = {id(p): p.requires_grad for p in model.parameters()}
+    try:
+        yield model
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(before.get(id(p), False))
+
+
+@contextlib.contextmanager
+def adapter_active(model: nn.Module, name: str):
+    """Only the adapter `name` active inside the block; the previous ones (and trainability) after it."""
+    previous = model.active_adapters()
+    with keep_trainability(model):
+        model.set_adapter(name)
+        try:
+            yield model
+        finally:
+            model.set_adapter(previous)
+
+
+def pool_steps(step: int, every: int, cap: int) -> list[int]:
+    """The pool's members after `step` optimizer steps: theta_0 (0) and the newest cap - 1 of the
+    checkpoints at multiples of `every`. A function of the step only, so a resumed run rebuilds it."""
+    later = list(range(every, step + 1, every))
+    return [0, *(later[max(0, len(later) - (cap - 1)):] if cap > 1 else [])]
+
+
+class CheckpointPoolReference(Reference):
+    """SePPO's Random Checkpoint Replay: each optimizer step's reference is a member of a pool of this run's
+    own checkpoints, drawn `uniform`ly (or the `first` = theta_0, or the `last` = the newest), keyed on
+    (seed, step). The same drawn member generates the step's candidates and gives the reference energies.
+
+    Members: theta_0 (the model before training) and the checkpoints at multiples of `every`, at most `cap`
+    (the oldest checkpoint leaves; theta_0 stays). A completed checkpoint joins in `on_checkpoint`, read from
+    the checkpoint's own weight file, which is also linked (or copied) to `<output>/checkpoints/pool/` so
+    that pruning old checkpoints cannot lose a member; on the first `on_step` (start or resume) the pool is
+    rebuilt from those files for the step it starts at.
+
+    LoRA: theta_0 is the policy with its adapters off; every other member is an extra peft adapter on the
+    policy's own denoiser, never trainable (peft's set_adapter toggles trainability; it is restored), never
+    in the optimizer, the export or the checkpoints (those read the "default" adapter only). Full fine-tuning:
+    one frozen module, into which the drawn member's state dict (kept on CPU) is loaded.
+    """
+
+    name = "pool"
+
+    def __init__(self, denoiser: nn.Module, *, lora: bool, seed: int, every: int, cap: int = 8,
+                 draw: str = "uniform", output_dir: str | Path, is_main: bool = True, dtype=None,
+                 unwrap: Callable[[nn.Module], nn.Module] = lambda m: m):  # fmt: skip
+        if draw not in POOL_DRAWS:
+            raise ValueError(f"pool draw must be one of {POOL_DRAWS}, got {draw!r}")
+        self.lora, self.seed, self.every, self.cap, self.draw = lora, int(seed), int(every), int(cap), draw
+        self.unwrap, self.is_main = unwrap, is_main
+        self.output_dir = Path(output_dir)
+        self.files = self.output_dir / "checkpoints" / "pool"
+        self.step: int | None = None  # optimizer steps taken; None until the first on_step
+        self.members: dict[int, object] = {0: None}  # step -> adapter name (LoRA) or CPU state dict
+        self._logged: int | None = None
+        if lora:
+            self.denoiser = denoiser
+        else:
+            self.module = copy.deepcopy(denoiser).requires_grad_(False).eval()
+            if dtype is not None and next(self.module.parameters()).dtype != dtype:
+                self.module.to(dtype)
+            self.members[0] = {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
+            self._loaded = 0
+
+    def to(self, device) -> CheckpointPoolReference:
+        if not self.lora:
+            self.module.to(device)
+        return self
+
+    def describe(self) -> str:
+        return (f"pool ({self.draw} draw over theta_0 and the checkpoints every {self.every} steps, at most "
+                f"{self.cap} members)")  # fmt: skip
+
+    # ---- membership ----------------------------------------------------------------------------------
+    @staticmethod
+    def weight_file(lora: bool) -> str:
+        return "lora_0.safetensors" if lora else "model.safetensors"
+
+    def _pool_file(self, step: int) -> Path:
+        return self.files / f"step-{step:07d}.safetensors"
+
+    def _add(self, step: int, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        weights = load_file(str(path))
+        if self.lora:
+            from peft.utils import set_peft_model_state_dict
+
+            inner, name = self.denoiser, f"pool{step}"
+            config = copy.deepcopy(inner.peft_config["default"])
+            dtype = next(p.dtype for n, p in inner.named_parameters() if ".default." in n)
+            # a new adapter's random init must not move the global RNG (LoRA dropout reads it)
+            with keep_trainability(inner), torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # we mean it
+                previous = inner.active_adapters()
+                inner.add_adapter(config, adapter_name=name)
+                set_peft_model_state_dict(inner, weights, adapter_name=name)
+                inner.set_adapter(previous)
+            for n, p in inner.named_parameters():
+                if f".{name}." in n:  # the same fp32 values the policy had at that checkpoint
+                    p.data = p.data.to(dtype)
+            self.members[step] = name
+        else:
+            strip = "module."  # accelerate saves a DDP-wrapped model's state dict with its prefix
+            dtype = next(self.module.parameters()).dtype
+            self.members[step] = {(k[len(strip):] if k.startswith(strip) else k): v.to(dtype) for k, v in weights.items()}
+
+    def _drop(self, step: int) -> None:
+        member = self.members.pop(step)
+        if self.lora:
+            with keep_trainability(self.denoiser):
+                self.denoiser.delete_adapters(member)
+        if self.is_main:
+            self._pool_file(step).unlink(missing_ok=True)
+
+    def _keep_only(self, steps: list[int]) -> None:
+        for s in [s for s in self.members if s not in steps]:
+            self._drop(s)
+
+    def on_step(self, step: int) -> None:
+        if self.step is None:  # start or resume: rebuild the members of `step` from the files on disk
+            for s in pool_steps(step, self.every, self.cap):
+                if s not in self.members:
+                    self._add(s, self._source_file(s))
+            self._keep_only(pool_steps(step, self.every, self.cap))
+        self.step = step
+
+    def _source_file(self, step: int) -> Path:
+        ckpt = self.output_dir / "checkpoints" / f"step-{step:07d}" / self.weight_file(self.lora)
+        for path in (ckpt, self._pool_file(step)):
+            if path.is_file():
+                return path
+        raise FileNotFoundError(f"the checkpoint pool needs the weights of step {step} ({ckpt} or "
+                                f"{self._pool_file(step)}), and neither exists; resume from the run's own "
+                                "output_dir, or start a new run")  # fmt: skip
+
+    def on_checkpoint(self, path, step: int) -> None:
+        if step == 0 or step % self.every:
+            return
+        src = Path(path) / self.weight_file(self.lora)
+        if self.is_main:
+            self.files.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self._pool_file(step)) as tmp:
+                try:
+                    os.link(src, tmp)  # no copy: the checkpoint's own file, kept when the folder is pruned
+                except OSError:
+                    shutil.copyfile(src, tmp)
+        if step not in self.members:
+            self._add(step, src)
+        self._keep_only(pool_steps(step, self.every, self.cap))
+
+    # ---- the draw ------------------------------------------------------------------------------------
+    def drawn(self) -> int:
+        """The member (its step) of the current optimizer step: a function of (seed, step, members)."""
+        steps = sorted(self.members)
+        if self.draw == "first":
+            return steps[0]
+        if self.draw == "last":
+            return steps[-1]
+        rng = np.random.default_rng(stream_seed(self.seed, "pool", self.step or 0))
+        return steps[int(rng.integers(len(steps)))]
+
+    def metrics(self) -> dict[str, float]:
+        return {"ref_step": float(self.drawn()), "pool_size": float(len(self.members))}
+
+    def _log_draw(self, drawn: int) -> None:
+        """logs/pool_draws.jsonl: one line per optimizer step, the update it serves and the member drawn."""
+        if not self.is_main or self._logged == self.step:
+            return
+        self._logged = self.step
+        log = self.output_dir / "logs" / "pool_draws.jsonl"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as f:
+            f.write(json.dumps({"step": (self.step or 0) + 1, "ref_step": drawn, "members": sorted(self.members)}) + "\n")
+
+    @contextlib.contextmanager
+    def model(self, policy):
+        drawn = self.drawn()
+        self._log_draw(drawn)
+        if not self.lora:
+            if self._loaded != drawn:
+                self.module.load_state_dict(self.members[drawn])
+                self._loaded = drawn
+            yield self.module
+            return
+        inner = self.unwrap(policy)
+        if drawn == 0:
+            with keep_trainability(inner), adapters_disabled(inner):
+                yield policy
+        else:
+            with adapter_active(inner, self.members[drawn]):
+                yield policy
+
+
+REFERENCE_KINDS = ("auto", "lora_off", "frozen_copy", "pool")
+POOL_DRAWS = ("uniform", "first", "last")
 
 
 def make_reference(kind: str, needs_reference: bool, has_lora: bool, denoiser: nn.Module, dtype=None,
-                   unwrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> Reference:  # fmt: skip
+                   unwrap: Callable[[nn.Module], nn.Module] = lambda m: m, pool: dict | None = None) -> Reference:  # fmt: skip
+    """`pool`: CheckpointPoolReference's keyword arguments (seed, every, cap, draw, output_dir, is_main)."""
     if not needs_reference:
         return Reference()
     if kind == "auto":
@@ -94,4 +312,6 @@ def make_reference(kind: str, needs_reference: bool, has_lora: bool, denoiser: n
         return AdapterOffReference(unwrap)
     if kind == "frozen_copy":
         return FrozenCopyReference(denoiser, dtype)
+    if kind == "pool":
+        return CheckpointPoolReference(denoiser, lora=has_lora, dtype=dtype, unwrap=unwrap, **(pool or {}))
     raise ValueError(f"unknown reference kind {kind!r}; choose one of {REFERENCE_KINDS}")

@@ -22,14 +22,25 @@ from torch.utils.data import DataLoader
 
 from diffalign.backbones.registry import backbone_from_config
 from diffalign.config import Config, dump_config, weight_dtype
+from diffalign.errors import UserError
 from diffalign.objectives import get_objective
 from diffalign.training import checkpoint as ckpt
-from diffalign.training.experience import GeneratedSource, OfflineSource
+from diffalign.training import preflight
+from diffalign.training.experience import GeneratedSource, OfflineSource, RolloutSource, stream_seed
 from diffalign.training.reference import make_reference
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(UserError, RuntimeError):
+    """Training diverged: non-finite losses or gradients, or weights that blew up."""
+
+
+#: metrics.jsonl keys that are counters (trackers show them under counters/, the rest under train/)
+_COUNTERS = ("skipped_items", "nonfinite_steps", "scaler_skipped_steps")
+
+
+def _tracker_tag(key: str) -> str:
+    """A metrics.jsonl key as a grouped tracker tag: train/loss, counters/skipped_items, time/elapsed_s."""
+    return f"counters/{key}" if key in _COUNTERS else "time/elapsed_s" if key == "elapsed_s" else f"train/{key}"
 
 
 class GlobalBatchSampler:
@@ -81,6 +92,24 @@ class _EpochIndexed(torch.utils.data.Dataset):
         return self.dataset[index]
 
 
+def warmup_log_decay(optimizer, warmup: int, decay_end: int, processes: int = 1):
+    """DeepSpeed's WarmupDecayLR (min lr 0) with its default log warm-up, as a LambdaLR stepped `processes`
+    times per optimizer step. Optimizer step k (from 1) runs at DeepSpeed's iteration i = k - 2 (its first step
+    runs before the scheduler's first step(), at lr 0): lr x log(i + 1) / log(W) while i < W = max(2, warmup),
+    then lr x max(0, (decay_end - i) / max(1, decay_end - W))."""
+    warm = max(2, warmup)
+
+    def factor(calls: int) -> float:
+        i = calls // processes - 1
+        if i < 0:
+            return 0.0
+        if i < warm:
+            return math.log(i + 1) / math.log(warm)
+        return max(0.0, (decay_end - i) / max(1.0, decay_end - warm))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def make_accelerator(cfg: Config):
     """The Accelerator a config asks for (mixed precision, trackers, the run folder as project dir)."""
     from accelerate import Accelerator
@@ -101,7 +130,7 @@ class Trainer:
     """`Trainer(cfg).train()`. Pass `accelerator` to run inside one you built (its mixed precision must
     match train.mixed_precision); by default one is made from the config."""
 
-    def __init__(self, cfg: Config, resume: str | None = None, accelerator=None):
+    def __init__(self, cfg: Config, resume: str | None = None, accelerator=None, overwrite: bool = False):
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.acc = accelerator if accelerator is not None else make_accelerator(cfg)
@@ -109,28 +138,52 @@ class Trainer:
             raise ValueError(f"the accelerator runs mixed_precision={self.acc.mixed_precision!r} but the config "
                              f"asks for {cfg.train.mixed_precision!r}")  # fmt: skip
         self.weight_dtype = weight_dtype(cfg.train.mixed_precision)
-        self.objective = get_objective(cfg.objective.name)
-        self.objective_params = cfg.objective.params()
         self.step = 0  # optimizer steps taken
         self.micro = 0  # micro-batches consumed (the data position)
         self.counters = {"skipped_items": 0, "nonfinite_steps": 0, "consecutive_nonfinite": 0}
         self.resume = resume
+        self._preflight(overwrite)
         self._build()
+
+    def _preflight(self, overwrite: bool) -> None:
+        """What can be checked before any model is loaded."""
+        cfg = self.cfg
+        for path in ckpt.check_new_run(self.out, self.resume, overwrite, delete=self.acc.is_main_process):
+            self.acc.print(f"--overwrite: deleted {path}")
+        self.acc.wait_for_everyone()
+        self.resume_path = ckpt.find_resume(self.out, self.resume, self._objective_state(), log=self.acc.print)
+        preflight.check_extras(cfg)
+        preflight.check_model(cfg.model)
+        from diffalign.data import build_preference_dataset
+
+        self.data = build_preference_dataset(cfg.data, seed=cfg.train.seed)
+        if cfg.cache.enabled:  # a cache's items were screened when it was built
+            from diffalign.training.cache import cache_dir_for, verify_cache
+
+            verify_cache(cache_dir_for(cfg))
+        else:
+            preflight.probe_data(self.data, cfg.data.max_skip_fraction)
+        if cfg.hub.push and self.acc.is_main_process:  # login and repo problems surface now, not after training
+            from diffalign.training.export import hub_repo
+
+            hub_repo(self)
+
+    def _objective_state(self) -> dict:
+        """The objective a checkpoint records (from the config: preflight runs before `_build`)."""
+        return {"name": self.cfg.objective.name, **self.cfg.objective.params()}
 
     # ---- setup ------------------------------------------------------------------------------------
     def _build(self) -> None:
         cfg, acc = self.cfg, self.acc
+        self.objective = get_objective(cfg.objective.name)
+        self.objective_params = cfg.objective.params()
         mc = cfg.model
         self.backbone = bb = backbone_from_config(mc)
         unet = bb.denoiser
         unet.requires_grad_(False)
         bb.place(acc.device, self.weight_dtype, mc.vae_fp32)
         self.speed = self._kernels_and_layout(unet)
-        if cfg.train.attention == "xformers":
-            try:
-                import xformers  # noqa: F401
-            except ImportError as err:
-                raise ImportError("train.attention=xformers needs xformers: pip install 'diffalign[xformers]'") from err
+        if cfg.train.attention == "xformers":  # installed: checked by preflight.check_extras
             unet.enable_xformers_memory_efficient_attention()
         if cfg.train.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
@@ -155,8 +208,10 @@ class Trainer:
         else:
             unet.to(acc.device).requires_grad_(True)
         needs_ref = self.objective.needs_reference
-        self.reference = make_reference(cfg.train.reference, needs_ref, cfg.lora is not None, unet,
-                                        self.weight_dtype, unwrap=acc.unwrap_model).to(acc.device)  # fmt: skip
+        pool = dict(seed=cfg.train.seed, every=cfg.pool_every(), cap=cfg.train.pool.cap, draw=cfg.train.pool.draw,
+                    output_dir=self.out, is_main=acc.is_main_process)  # fmt: skip
+        self.reference = make_reference(cfg.reference_kind(), needs_ref, cfg.lora is not None, unet,
+                                        self.weight_dtype, unwrap=acc.unwrap_model, pool=pool).to(acc.device)  # fmt: skip
         self.params = [p for p in unet.parameters() if p.requires_grad]
         if cfg.train.compile:
             self._compile(unet)
@@ -165,14 +220,7 @@ class Trainer:
         self.global_batch = cfg.train.batch_size * acc.num_processes
         self.lr = cfg.optim.lr * (self.global_batch * cfg.train.grad_accum if cfg.optim.scale_lr else 1)
         optimizer = self._optimizer()
-        from diffusers.optimization import get_scheduler
-
-        # accelerate steps a prepared scheduler once per process for each optimizer step (it assumes the
-        # schedule counts per-process batches), so its lengths are given in those units, as the diffusers
-        # scripts do: the lr after n steps is then the same for any number of processes.
-        scheduler = get_scheduler(cfg.optim.scheduler, optimizer,
-                                  num_warmup_steps=cfg.optim.warmup_steps * acc.num_processes,
-                                  num_training_steps=cfg.train.max_steps * acc.num_processes)  # fmt: skip
+        scheduler = self._lr_scheduler(optimizer)
         self.unet, self.optimizer, self.scheduler = acc.prepare(unet, optimizer, scheduler)
         # the parameters the optimizer, clipping and EMA see, taken from the prepared model
         self.params = [p for p in acc.unwrap_model(self.unet).parameters() if p.requires_grad]
@@ -182,8 +230,9 @@ class Trainer:
         if cfg.train.ema_decay:
             from diffusers.training_utils import EMAModel
 
+            # saved and resumed by diffalign as safetensors + JSON (checkpoint.save_ema), not through
+            # accelerate's register_for_checkpointing, which unpickles its files with weights_only=False
             self.ema = EMAModel(self.params, decay=cfg.train.ema_decay)
-            acc.register_for_checkpointing(self.ema)  # saved and resumed with the checkpoint
 
     def _kernels_and_layout(self, unet) -> str:
         """train.kernels (the backbone fuses its blocks; energies use the fused kernel) and
@@ -219,33 +268,56 @@ class Trainer:
         cfg, acc = self.cfg, self.acc
         params = self.objective.validate(self.objective_params)
         common = dict(seed=cfg.train.seed, resolution=cfg.data.resolution, device=acc.device, dtype=self.weight_dtype,
-                      global_batch=self.global_batch, local_batch=cfg.train.batch_size, rank=acc.process_index,
-                      per_candidate_noise=getattr(params, "noise", "shared") == "per_image",
-                      fused_energy=self.kernels_on)  # fmt: skip
+                      global_batch=self.global_batch, local_batch=cfg.train.batch_size, rank=acc.process_index)  # fmt: skip
+        s = cfg.experience.sampler
+        if cfg.experience_source() == "rollout":
+            from diffalign.rewards import create_scorer
+            from diffalign.rewards.spm import as_step_scorer
+
+            r = cfg.experience.rollout
+            scorer = as_step_scorer(create_scorer(r.scorer, **({"device": acc.device} | r.scorer_args)))
+            return RolloutSource(self.backbone, world=acc.num_processes, scorer=scorer, steps=s.steps,
+                                 guidance=s.guidance, eta=s.eta, sample_batch=s.batch_size, candidates=r.candidates,
+                                 divert_start_step=r.divert_start_step, inner_steps=r.inner_steps,
+                                 threshold=r.threshold, pairs_per_step=r.pairs_per_step, unwrap=acc.unwrap_model,
+                                 autocast=acc.autocast, **common)  # fmt: skip
+        common |= dict(per_candidate_noise=getattr(params, "noise", "shared") == "per_image", fused_energy=self.kernels_on)
         if cfg.experience_source() == "generated":
-            s = cfg.experience.sampler
             return GeneratedSource(self.backbone, steps=s.steps, guidance=s.guidance, eta=s.eta,
                                    generator=cfg.experience.generator, sample_batch=s.batch_size, **common)  # fmt: skip
         return OfflineSource(self.backbone, candidates=self.objective.candidates, **common)
 
+    def _lr_scheduler(self, optimizer):
+        """accelerate steps a prepared scheduler once per process for each optimizer step (it assumes the
+        schedule counts per-process batches), so its lengths are given in those units, as the diffusers
+        scripts do: the lr after n steps is then the same for any number of processes."""
+        o, n = self.cfg.optim, self.acc.num_processes
+        if o.scheduler == "warmup_log_decay":
+            return warmup_log_decay(optimizer, o.warmup_steps, o.decay_steps or self.cfg.train.max_steps, n)
+        from diffusers.optimization import get_scheduler
+
+        return get_scheduler(o.scheduler, optimizer, num_warmup_steps=o.warmup_steps * n,
+                             num_training_steps=self.cfg.train.max_steps * n)  # fmt: skip
+
     def _dataset(self):
+        if self.cfg.data.format == "prompts":
+            from diffalign.data.prompts import build_prompt_dataset
+
+            return build_prompt_dataset(self.cfg.data)
         if self.cfg.cache.enabled:
             from diffalign.training.cache import CachedPreferenceDataset, cache_dir_for
 
-            return CachedPreferenceDataset(cache_dir_for(self.cfg), self.backbone, self.cfg)
-        from diffalign.data import build_preference_dataset
-
-        return build_preference_dataset(self.cfg.data, seed=self.cfg.train.seed)
+            return CachedPreferenceDataset(cache_dir_for(self.cfg), self.backbone, self.cfg, data=self.data)
+        return self.data
 
     def _optimizer(self):
         o = self.cfg.optim
         if o.optimizer == "adamw":
             return torch.optim.AdamW(self.params, lr=self.lr, betas=o.adam_betas, weight_decay=o.weight_decay, eps=o.adam_eps)
         if o.optimizer == "adamw8bit":
-            try:
-                import bitsandbytes as bnb
-            except ImportError as err:
-                raise ImportError("optim.optimizer=adamw8bit needs bitsandbytes: pip install 'diffalign[bnb]'") from err
+            from diffalign.errors import require
+
+            bnb = require("bitsandbytes", "bnb", "optim.optimizer=adamw8bit")
             return bnb.optim.AdamW8bit(self.params, lr=self.lr, betas=o.adam_betas, weight_decay=o.weight_decay, eps=o.adam_eps)
         from transformers.optimization import Adafactor
 
@@ -286,13 +358,17 @@ class Trainer:
         """One micro-batch: the source's experience, its energies under the policy and the reference module,
         and the objective's (loss, metrics)."""
         exp = self.source.next(batch, micro, self.unet, self.reference)
+        if exp is None:  # nothing to learn in this batch on any process (SPO: no pair kept)
+            return None
         with self.acc.autocast():
             energy = exp.energy(self.unet)
             with torch.no_grad(), self.reference.model(self.unet) as ref_model:
                 ref = exp.energy(ref_model) if ref_model is not None else None
         phi = exp.phi.to(energy.device, energy.dtype)
         loss, metrics = self.objective(energy, ref, phi, **self.objective_params)
-        return loss, {**metrics, **exp.metrics}
+        if exp.weight != 1.0:
+            loss = loss * exp.weight
+        return loss, {**metrics, **exp.metrics, **self.reference.metrics()}
 
     # ---- the loop -----------------------------------------------------------------------------------
     def _loader(self):
@@ -304,6 +380,26 @@ class Trainer:
         collate = getattr(self.dataset, "collate", collate_preference)
         return DataLoader(_EpochIndexed(self.dataset), batch_sampler=sampler, collate_fn=collate,
                           num_workers=self.cfg.train.num_workers)
+
+    def _source_pending(self) -> bool:
+        """True while the source holds experience from an earlier batch (SPO's rollout buffer)."""
+        pending = getattr(self.source, "pending", None)
+        return bool(pending and pending())
+
+    def _data_done(self) -> bool:
+        """train.max_epochs passes over the data are read and the source holds nothing more."""
+        epochs = self.cfg.train.max_epochs
+        return epochs is not None and self.micro >= epochs * self.sampler.per_epoch and not self._source_pending()
+
+    def _nothing_learned(self) -> None:
+        """Count a batch the source found nothing to learn in; a whole epoch of them is an error (it would
+        read data forever)."""
+        self.counters["empty_batches"] = self.counters.get("empty_batches", 0) + 1
+        self.counters["consecutive_empty"] = self.counters.get("consecutive_empty", 0) + 1
+        if self.counters["consecutive_empty"] >= self.sampler.per_epoch:
+            raise RuntimeError(f"no experience in {self.counters['consecutive_empty']} batches in a row (a whole epoch "
+                               "of data): for SPO no rollout kept a pair; lower experience.rollout.threshold or "
+                               "check the step scorer")  # fmt: skip
 
     def _zero_loss(self) -> torch.Tensor:
         # touches every trainable parameter, so DDP's gradient sync runs on every process alike
@@ -322,7 +418,10 @@ class Trainer:
             f"experience: {self.source.kind}",
             f"  tuning      {f'LoRA rank {cfg.lora.rank}' if cfg.lora else 'full'}: {trainable:,} of {total:,} parameters trainable",
             f"  data        {self._describe_data()}",
-            f"  batch       {cfg.train.batch_size} per process x {acc.num_processes} processes x {cfg.train.grad_accum} accumulation = {eff} items per step",
+            f"  batch       {cfg.train.batch_size} per process x {acc.num_processes} processes x {cfg.train.grad_accum} accumulation = {eff} items per step"
+            if self.source.kind != "rollout" else
+            f"  batch       {cfg.train.batch_size} prompts per process per rollout; {cfg.experience.rollout.pairs_per_step} kept "
+            f"pairs per process x {acc.num_processes} processes x {cfg.train.grad_accum} accumulation per step",
             f"  schedule    {cfg.train.max_steps} steps = {cfg.train.max_steps * eff / max(n, 1):.2f} epochs; lr {self.lr:g} ({cfg.optim.optimizer}, {cfg.optim.scheduler}, warmup {cfg.optim.warmup_steps})",
             f"  precision   {cfg.train.mixed_precision}; device {acc.device}; output {self.out}",
             f"  speed       {self.speed}",
@@ -335,20 +434,23 @@ class Trainer:
 
     def train(self) -> dict:
         cfg, acc = self.cfg, self.acc
-        if self.resume:
-            path = ckpt.resolve(self.out, self.resume)
-            if path is not None:
-                acc.load_state(str(path))
-                state = ckpt.read_state(path)
-                self.step, self.micro = state["step"], state["micro"]
-                self.counters.update(state["counters"])
-                acc.print(f"resumed from {path} at step {self.step}")
-        self.reference.on_step(self.step)
+        path = self.resume_path
+        if path is not None:
+            acc.load_state(str(path))
+            if self.ema is not None:
+                ckpt.load_ema(self.ema, path)
+            if hasattr(self.source, "load_state"):
+                self.source.load_state(path)
+            state = ckpt.read_state(path)
+            self.step, self.micro = state["step"], state["micro"]
+            self.counters.update(state["counters"])
+            acc.print(f"resumed from {path} at step {self.step}")
         if acc.is_main_process:
             (self.out / "logs").mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(dump_config(cfg))
-        acc.init_trackers("diffalign")
-        acc.print(self.summary())
+        acc.init_trackers("diffalign", config=self._tracker_config())
+        acc.print(self.summary())  # before the reference loads a checkpoint pool: its adapters are no parameters of ours
+        self.reference.on_step(self.step)
 
         from tqdm.auto import tqdm
 
@@ -358,33 +460,37 @@ class Trainer:
         window: dict[str, list[float]] = {}
         last: dict[str, float] = {}
         t0 = time.time()
-        while self.step < cfg.train.max_steps:
-            step_metrics, nonfinite = self._optimizer_step(batches)
-            if nonfinite:
-                self.counters["nonfinite_steps"] += 1
-                self.counters["consecutive_nonfinite"] += 1
-                if self.counters["consecutive_nonfinite"] >= cfg.train.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"{self.counters['consecutive_nonfinite']} consecutive steps had a non-finite loss or "
-                        f"gradient (at step {self.step}); lower the learning rate or beta, or check the data"
-                    )
-                continue
-            self.counters["consecutive_nonfinite"] = 0
-            self.step += 1
-            self.reference.on_step(self.step)
-            for k, v in step_metrics.items():
-                window.setdefault(k, []).append(v)
-            bar.update(1)
-            if self.step % cfg.logging.every == 0 or self.step == cfg.train.max_steps:
+        try:
+            while self.step < cfg.train.max_steps and not self._data_done():
+                step_metrics, nonfinite = self._optimizer_step(batches)
+                if nonfinite:
+                    self.counters["nonfinite_steps"] += 1
+                    self.counters["consecutive_nonfinite"] += 1
+                    if self.counters["consecutive_nonfinite"] >= cfg.train.max_nonfinite_steps:
+                        raise NonFiniteLossError(
+                            f"{self.counters['consecutive_nonfinite']} consecutive steps had a non-finite loss or "
+                            f"gradient (at step {self.step}); lower the learning rate or beta, or check the data"
+                        )
+                    continue
+                self.counters["consecutive_nonfinite"] = 0
+                self.step += 1
+                self.reference.on_step(self.step)
+                for k, v in step_metrics.items():
+                    window.setdefault(k, []).append(v)
+                bar.update(1)
+                if self.step % cfg.logging.every == 0 or self.step == cfg.train.max_steps:
+                    last = self._log(window, t0)
+                    window = {}
+                    bar.set_postfix({"loss": f"{last.get('loss', float('nan')):.4f}"}
+                                    | ({"acc": f"{last['implicit_acc']:.2f}"} if "implicit_acc" in last else {}))
+                if cfg.validation.every and self.step % cfg.validation.every == 0:
+                    self.validate()
+                if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.max_steps or self._data_done():
+                    self.save_checkpoint()
+            if window:  # stopped by train.max_epochs between logging steps
                 last = self._log(window, t0)
-                window = {}
-                bar.set_postfix({"loss": f"{last.get('loss', float('nan')):.4f}"}
-                                | ({"acc": f"{last['implicit_acc']:.2f}"} if "implicit_acc" in last else {}))
-            if cfg.validation.every and self.step % cfg.validation.every == 0:
-                self.validate()
-            if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.max_steps:
-                self.save_checkpoint()
-        bar.close()
+        finally:
+            bar.close()  # an error message starts on its own line, not after the bar
         self.export(last)
         acc.end_training()
         return last
@@ -394,16 +500,25 @@ class Trainer:
         accum = cfg.train.grad_accum
         sums: dict[str, float] = {}
         nonfinite = False
-        for i in range(accum):
-            batch = next(batches)
-            micro = self.micro
-            self.micro += 1
-            if batch is None or batch.get("skipped"):
-                self.counters["skipped_items"] += (batch or {}).get("skipped", cfg.train.batch_size)
+        i = 0
+        while i < accum:
+            if self._source_pending():  # experience left from an earlier batch (SPO's kept pairs): no data read
+                batch, micro = {}, None
+            else:
+                batch = next(batches)
+                micro = self.micro
+                self.micro += 1
+                if batch is None or batch.get("skipped"):
+                    self.counters["skipped_items"] += (batch or {}).get("skipped", cfg.train.batch_size)
             sync = acc.no_sync(self.unet) if i < accum - 1 and acc.num_processes > 1 else nullcontext()
-            with sync:
+            with sync, self._keyed_global_rng(micro):
                 if batch is not None:
-                    loss, metrics = self.compute_loss(self._to_device(batch), micro)
+                    out = self.compute_loss(self._to_device(batch), micro)
+                    if out is None:  # read the next batch for this micro-step (the same on every process)
+                        self._nothing_learned()
+                        continue
+                    self.counters.pop("consecutive_empty", None)
+                    loss, metrics = out
                     ok = torch.isfinite(loss.detach()).float()
                 else:
                     loss, metrics, ok = None, {}, torch.ones((), device=acc.device)
@@ -415,12 +530,14 @@ class Trainer:
                 acc.backward(loss / accum)
             for k, v in ({"loss": loss.detach()} | metrics).items():
                 sums[k] = sums.get(k, 0.0) + float(v) / accum
+            i += 1
         grad_norm = acc.clip_grad_norm_(self.params, cfg.optim.max_grad_norm or math.inf)
         grad_ok = grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)).item())
         if nonfinite or (not grad_ok and cfg.train.mixed_precision != "fp16"):
             self.optimizer.zero_grad(set_to_none=True)
             return sums, True
         self.optimizer.step()  # under fp16 the grad scaler skips an overflowing step and lowers its scale
+        self._check_weights(f"the update of step {self.step + 1}")
         self.scheduler.step()
         if self.ema is not None:
             self.ema.step(self.params)
@@ -432,18 +549,64 @@ class Trainer:
         sums["lr"] = self.scheduler.get_last_lr()[0]
         return sums, False
 
+    @contextmanager
+    def _keyed_global_rng(self, micro: int):
+        """Inside a micro-batch, torch's global RNG (LoRA dropout draws from it) is seeded from (seed,
+        micro-step, process) and restored after. Left to run on, it would not survive a resume: the RNG
+        states accelerate restores are those of the checkpoint, but starting a DataLoader iterator draws
+        its base seed from the global stream, one draw a resumed run makes at another point."""
+        acc = self.acc
+        devices = [acc.device] if acc.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(stream_seed(self.cfg.train.seed, "torchrng", micro * acc.num_processes + acc.process_index))
+            yield
+
     def _log(self, window: dict[str, list[float]], t0: float) -> dict[str, float]:
         acc = self.acc
         local = torch.tensor([sum(v) / len(v) for v in window.values()], device=acc.device, dtype=torch.float64)
         mean = acc.reduce(local, reduction="mean") if acc.num_processes > 1 else local
         metrics = dict(zip(window, mean.tolist()))
         metrics |= {"step": self.step, "elapsed_s": round(time.time() - t0, 2)}
-        metrics |= {k: v for k, v in self.counters.items() if k != "consecutive_nonfinite"}
-        acc.log(metrics, step=self.step)
+        metrics |= {k: v for k, v in self.counters.items() if not k.startswith("consecutive_")}
+        self._check_skip_share()
+        acc.log({_tracker_tag(k): v for k, v in metrics.items() if k != "step"}, step=self.step)
         if acc.is_main_process:
             with open(self.out / "logs" / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
         return metrics
+
+    def _tracker_config(self) -> dict:
+        """The resolved config (defaults included) flattened to `section.key` scalars, plus what the run
+        derived from it, for the trackers' hyper-parameter views."""
+        import diffalign
+
+        flat: dict = {}
+
+        def walk(prefix: str, node) -> None:
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    walk(f"{prefix}{k}.", v)
+            else:
+                flat[prefix[:-1]] = node if isinstance(node, (bool, int, float, str)) else json.dumps(node)
+
+        walk("", self.cfg.model_dump(mode="json"))
+        flat |= {"run.processes": self.acc.num_processes, "run.effective_batch": self.global_batch * self.cfg.train.grad_accum,
+                 "run.lr": self.lr, "run.trainable_parameters": sum(p.numel() for p in self.params),
+                 "run.diffalign_version": diffalign.__version__}  # fmt: skip
+        return flat
+
+    def _check_skip_share(self) -> None:
+        """Stop when the share of skipped items read so far (all processes) passes data.max_skip_fraction;
+        from the moment the run has read as many items as the pre-flight probe decoded."""
+        acc = self.acc
+        counts = torch.tensor([self.counters["skipped_items"], self.micro * self.cfg.train.batch_size],
+                              device=acc.device, dtype=torch.float64)  # fmt: skip
+        if acc.num_processes > 1:
+            counts = acc.reduce(counts, reduction="sum")
+        skipped, read = (int(x) for x in counts.tolist())
+        if read >= min(preflight.PROBE_ITEMS, len(self.dataset)):
+            preflight.check_skip_share(self.dataset, skipped, read, self.cfg.data.max_skip_fraction,
+                                       f"read by step {self.step}", none_usable_is_error=False)  # fmt: skip
 
     # ---- checkpoints, validation, export -------------------------------------------------------------
     @contextmanager
@@ -459,15 +622,42 @@ class Trainer:
         finally:
             self.ema.restore(self.params)
 
+    def _check_weights(self, what: str) -> None:
+        """Raise NonFiniteLossError if a trainable weight is non-finite or above train.max_weight_abs."""
+        limit = self.cfg.train.max_weight_abs
+        peaks = torch.stack(torch._foreach_norm([p.detach() for p in self.params], math.inf))
+        peak = peaks.max().item()
+        if math.isfinite(peak) and (limit is None or peak <= limit):
+            return
+        bad = int(torch.nan_to_num(peaks, nan=math.inf).argmax())
+        name = [n for n, p in self.acc.unwrap_model(self.unet).named_parameters() if p.requires_grad][bad]
+        pointer = ckpt.checkpoint_root(self.out) / ckpt.LATEST
+        last = pointer.read_text().strip() if pointer.is_file() else "none"
+        raise NonFiniteLossError(
+            f"{what} left weight {name} at |w| = {peak:.3g} (train.max_weight_abs={limit}); the run stops "
+            f"without saving it. The last checkpoint ({last}) holds the weights from before: lower optim.lr or "
+            "the objective's beta, or clip harder (optim.max_grad_norm)"
+        )
+
     def save_checkpoint(self) -> Path:
+        self._check_weights(f"step {self.step}")  # never checkpoint weights that blew up
         root = ckpt.checkpoint_root(self.out)
         final = root / f"step-{self.step:07d}"
         tmp = root / f"step-{self.step:07d}.tmp"
         self.acc.save_state(str(tmp))
+        if self.ema is not None and self.acc.is_main_process:
+            ckpt.save_ema(self.ema, tmp)
         self.acc.wait_for_everyone()  # every rank has written its files (RNG states) before the rename
         if self.acc.is_main_process:
-            state = {"step": self.step, "micro": self.micro, "counters": self.counters}
+            if hasattr(self.source, "save_state"):  # experience not yet trained on (SPO's kept pairs)
+                self.source.save_state(tmp)
+            state = {"step": self.step, "micro": self.micro, "counters": self.counters,
+                     "objective": self._objective_state()}  # fmt: skip
             ckpt.finalize(tmp, final, state, self.cfg.checkpoint.keep)
+            if self.cfg.hub.push:
+                from diffalign.training.export import push_folder
+
+                push_folder(self, final, "last-checkpoint", f"checkpoint at step {self.step}")
         self.acc.wait_for_everyone()
         self.reference.on_checkpoint(final, self.step)
         return final
