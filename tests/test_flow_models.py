@@ -313,6 +313,26 @@ def test_flow_recipes_and_bench_configs_load():
         assert cfg.model.pretrained.startswith(("stabilityai/", "black-forest-labs/", "random:", "small:")), name
 
 
+def test_spo_resampler_takes_the_family_schedule():
+    """SPO's step-wise resampler (and so the rollout source) schedules FLUX's steps as the sampler does: the
+    pipeline's sigmas and dynamic shift mu, without which FLUX's scheduler refuses to schedule."""
+    from diffalign.sampling.loop import sampling_schedule
+    from diffalign.sampling.resample import resample
+
+    bb = load_backbone("tiny:flux")
+    scores = []
+
+    def scorer(images, prompts, t):
+        scores.append(t)
+        return images.mean(dim=(1, 2, 3))
+
+    pairs = resample(bb, bb.denoiser, ["a red circle"], [0], scorer, steps=3, guidance=3.5, eta=0.7, divert_start=1,
+                     candidates=2, threshold=0.0, height=32, width=32)  # fmt: skip
+    assert len(pairs) == pairs.kept >= 1
+    times = {float(t) for step in sampling_schedule(bb, 3, 32, 32) for t in step}
+    assert {float(t) for ts in scores for t in ts} <= times  # scored at the family's (shifted) times
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generated_experience_samples_with_the_family_schedule(tmp_path, family):
     """SPIN-Diffusion-style DPO (the reference samples the loser during training) on both families: the
