@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from diffalign.config import SPMConfig
+from diffalign.errors import cli_entry
 from diffalign.training.reference import Reference
 from diffalign.training.trainer import Trainer
 
@@ -61,8 +62,11 @@ class SPMTrainer(Trainer):
 
     cfg: SPMConfig
 
+    def _init_objective(self) -> None:
+        self.objective, self.objective_params = None, {}
+
     def _objective_state(self) -> dict:
-        return {"name": "spm"}  # PickScore's soft-label loss; it has no objective section
+        return {"name": "spm"}
 
     def _build(self) -> None:
         from diffalign.backbones.registry import backbone_from_config
@@ -90,7 +94,6 @@ class SPMTrainer(Trainer):
             self.relabeler = create_scorer("pickscore", model=sc.clip, processor=sc.processor, tiny=sc.tiny,
                                            seed=cfg.train.seed, device=acc.device)  # fmt: skip
         self.reference = Reference()
-        self.objective = None
         self.params = [p for p in spm.parameters() if p.requires_grad]
         self.dataset = self._dataset()
         self.global_batch = cfg.train.batch_size * acc.num_processes
@@ -204,6 +207,7 @@ class SPMTrainer(Trainer):
         return final
 
 
+@cli_entry("diffalign train-spm")
 def main(argv: list[str] | None = None) -> int:
     from diffalign.config import load_spm_config
     from diffalign.training.cli import run_command

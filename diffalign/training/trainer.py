@@ -142,8 +142,13 @@ class Trainer:
         self.micro = 0  # micro-batches consumed (the data position)
         self.counters = {"skipped_items": 0, "nonfinite_steps": 0, "consecutive_nonfinite": 0}
         self.resume = resume
+        self._init_objective()
         self._preflight(overwrite)
         self._build()
+
+    def _init_objective(self) -> None:
+        self.objective = get_objective(self.cfg.objective.name)
+        self.objective_params = self.cfg.objective.params()
 
     def _preflight(self, overwrite: bool) -> None:
         """What can be checked before any model is loaded."""
@@ -169,14 +174,12 @@ class Trainer:
             hub_repo(self)
 
     def _objective_state(self) -> dict:
-        """The objective a checkpoint records (from the config: preflight runs before `_build`)."""
-        return {"name": self.cfg.objective.name, **self.cfg.objective.params()}
+        """What a resumed run must share with its checkpoint (another objective only warns)."""
+        return {"name": self.objective.name, **self.objective_params}
 
     # ---- setup ------------------------------------------------------------------------------------
     def _build(self) -> None:
         cfg, acc = self.cfg, self.acc
-        self.objective = get_objective(cfg.objective.name)
-        self.objective_params = cfg.objective.params()
         mc = cfg.model
         self.backbone = bb = backbone_from_config(mc)
         unet = bb.denoiser
