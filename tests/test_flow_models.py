@@ -301,6 +301,19 @@ def test_lora_export_loads_into_the_pipeline_eval_and_synpic(tmp_path, folders, 
         load_pipeline(str(folders[family]), sampler="ddim")
 
 
+def test_built_in_models_pass_the_preflight():
+    """tiny:, random: and small: models are built in code: the preflight reads no model_index.json for them
+    (scripts/bench_train.py trains small:sd3 / small:flux on a CPU), while an unknown hub id is refused."""
+    from diffalign.backbones.registry import BUILDER_KINDS, ModelNotFound
+    from diffalign.config import ModelConfig
+    from diffalign.training.preflight import check_model
+
+    for kind in BUILDER_KINDS:
+        check_model(ModelConfig(pretrained=f"{kind}:sd3"))
+    with pytest.raises(ModelNotFound, match="offline"):
+        check_model(ModelConfig(pretrained="nobody/no-such-model"))
+
+
 def test_flow_recipes_and_bench_configs_load():
     """Every shipped SD3 / SD3.5 / FLUX recipe validates (the models are not downloaded)."""
     from diffalign.config import load_config
