@@ -335,6 +335,9 @@ class Config(_Section):
             raise ValueError(f"objective {obj.name!r} needs data.format in {list(obj.formats)}, got {self.data.format!r}")
         if self.train.reference == "lora_off" and self.lora is None:
             raise ValueError("train.reference=lora_off needs a lora section (or use frozen_copy / auto)")
+        if self.data.streaming and (self.cache.enabled or source == "rollout"):
+            raise ValueError("data.streaming reads images from parquet row groups; it applies neither to the latent "
+                             "cache (set cache.enabled: false) nor to prompt data")  # fmt: skip
         if obj.needs_reference and self.reference_kind() == "pool" and self.pool_every() % self.checkpoint.every:
             raise ValueError(f"train.pool.every={self.pool_every()} must be a multiple of checkpoint.every="
                              f"{self.checkpoint.every}: pool members are read from saved checkpoints")  # fmt: skip

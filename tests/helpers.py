@@ -73,10 +73,13 @@ def crash_then_resume(cfg_dict: dict, crash_at_step: int, monkeypatch, runner=No
     return runner(cfg_dict, resume="latest")
 
 
-def launch(cfg_dict: dict, nproc: int, workdir) -> str:
-    """Run `diffalign train` on a config in `nproc` processes with torchrun (a real gloo DDP group on CPU;
-    accelerate's `launch --cpu` would start one process). Returns stdout; fails the test with the failing
-    rank's own traceback."""
+def launch(cfg_dict: dict, nproc: int, workdir, accelerate_config: str | None = None, env: dict | None = None,
+           expect_fail: bool = False, resume: str | None = None) -> str:
+    """Run `diffalign train` on a config in `nproc` processes: with torchrun (a real gloo DDP group on CPU;
+    accelerate's `launch --cpu` would start one process), or with `accelerate launch --config_file
+    configs/accelerate/<accelerate_config>.yaml`; with `env` or an accelerate config the entry point is
+    tests/cpu_launch.py (FSDP and DeepSpeed on CPU, and the test hooks `env` switches on). Returns stdout; fails the test with the failing rank's own traceback (or, with expect_fail, when the run
+    does not fail)."""
     import os
     import subprocess
     import sys
@@ -88,10 +91,21 @@ def launch(cfg_dict: dict, nproc: int, workdir) -> str:
     root = Path(__file__).resolve().parents[1]
     path = Path(workdir) / f"{Path(cfg_dict['output_dir']).name}-{nproc}.yaml"
     path.write_text(yaml.safe_dump(cfg_dict))
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "diffalign", "train", str(path)]  # fmt: skip
+    pythonpath = os.pathsep.join([str(root)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    module = "tests.cpu_launch" if env or accelerate_config else "diffalign"
+    env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1", **(env or {})}
+    args = ["train", str(path)] + (["--resume", resume] if resume else [])
+    if accelerate_config is None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", module, *args]  # fmt: skip
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(root / "configs" / "accelerate" / f"{accelerate_config}.yaml"), "--num_processes", str(nproc),
+               "--main_process_port", "0", "-m", "tests.cpu_launch", *args]  # fmt: skip
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    if expect_fail:
+        assert proc.returncode != 0, proc.stdout[-2000:]
+        return proc.stdout
     if proc.returncode != 0:
         tracebacks = [p for p in proc.stderr.split("Traceback") if "torch/distributed/run.py" not in p]
         pytest.fail(f"{nproc} processes: exit {proc.returncode}\n"

@@ -102,7 +102,8 @@ def test_tiny_spo_recipe_trains_several_steps_per_rollout_and_logs(tmp_path):
 
 
 def test_spo_resume_after_a_crash_mid_rollout_is_exact(tmp_path, monkeypatch):
-    common = dict(train={"batch_size": 2, "max_steps": 6}, checkpoint={"every": 2})
+    # LoRA dropout draws from torch's global RNG, keyed per micro-step; steps 2-3 train on pending pairs
+    common = dict(lora={"rank": 4, "dropout": 0.3}, train={"batch_size": 2, "max_steps": 6}, checkpoint={"every": 2})
     full = run(spo_config(tmp_path / "full", **common))
     part = spo_config(tmp_path / "part", **common)
     resumed = crash_then_resume(part, 3, monkeypatch)
@@ -225,3 +226,23 @@ def test_spo_trains_a_flow_matching_backbone_with_the_sde_transition(tmp_path, m
     assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)
     assert 3 in steps_seen  # the flow SDE's last step is stochastic: it gives pairs too
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_a_prompt_file_without_a_prompt_is_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from diffalign.cli import main
+    from diffalign.training import trainer
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the prompts were read")
+
+    monkeypatch.setattr(trainer, "load_backbone", no_model)
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n  \n")
+    path = tmp_path / "spo.yaml"
+    path.write_text(yaml.safe_dump(spo_config(tmp_path, data={"source": str(prompts)})))
+    assert main(["train", str(path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"diffalign train: no usable prompts: prompts from {prompts}: 2 rows -> 0 prompts; skipped: empty_caption 2"]

@@ -47,6 +47,10 @@ class DataConfig(pydantic.BaseModel, extra="forbid"):
     #: Column renames, role -> name in the source, e.g. {"caption": "text"}. Roles: COLUMN_ROLES.
     columns: dict[str, str] = {}
     caption_column: str | None = None  # shorthand for columns={"caption": ...} (or "prompt" for ranked)
+    #: read parquet data (local, or at an hf:// / s3:// / https:// URL) as a stream of row groups: each epoch
+    #: visits the groups in a seeded random order and a group's items together, so each group is read once
+    #: per epoch and nothing is downloaded up front (diffalign/data/stream.py, docs/scaling.md)
+    streaming: bool = False
     builtin_rows: int = pydantic.Field(64, ge=1)
     builtin_seed: int = 0
 

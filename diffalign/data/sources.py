@@ -51,28 +51,33 @@ def _short_hash(*parts: object) -> str:
 
 
 class ParquetSource(RowSource):
-    """One or more local parquet files, read lazily one row group at a time (a small LRU per process).
+    """One or more parquet files, read lazily one row group at a time (a small LRU per process). Local
+    files, or remote ones through an fsspec filesystem `fs` (hf://, s3://, https://...): then only the
+    footers and the light columns are read when the dataset is built, and each row group when an item in
+    it is first asked for; nothing is downloaded up front.
 
-    Random access costs one row-group read per miss; for very large local data read in random order,
-    a `save_to_disk` copy (memory-mapped arrow) is faster.
+    Random access costs one row-group read per miss; for very large data read in random order, a
+    `save_to_disk` copy (memory-mapped arrow) is faster, or `data.streaming` (one read per row group and
+    epoch, diffalign/data/stream.py).
     """
 
     CACHE_ROW_GROUPS = 4
 
-    def __init__(self, files: list[str], description: str = ""):
+    def __init__(self, files: list[str], description: str = "", fs=None):
         if not files:
             raise DataFormatError(f"no parquet files found for {description!r}")
-        self.files = [os.path.abspath(f) for f in files]
+        self.fs = fs
+        self.files = list(files) if fs is not None else [os.path.abspath(f) for f in files]
         self.description = description or self.files[0]
-        self.base_dir = os.path.dirname(self.files[0])
+        self.base_dir = os.path.dirname(self.files[0]) if fs is None else None
         self.schema = None
         self._starts: list[int] = []  # global row index of each (file, row group)
         self._groups: list[tuple[int, int]] = []
         total = 0
         for fi, path in enumerate(self.files):
             try:
-                meta = pq.ParquetFile(path).metadata
-                schema = pq.read_schema(path)
+                meta = self._file(path).metadata
+                schema = meta.schema.to_arrow_schema()
             except Exception as err:
                 raise DataFormatError(f"cannot read parquet file {path}: {err}") from err
             if self.schema is None:
@@ -87,10 +92,18 @@ class ParquetSource(RowSource):
                 self._groups.append((fi, rg))
                 total += meta.row_group(rg).num_rows
         self.num_rows = total
-        self.fingerprint = _short_hash(
-            "parquet", *((os.path.basename(f), os.path.getsize(f)) for f in self.files), total
-        )
+        size = os.path.getsize if fs is None else fs.size
+        self.fingerprint = _short_hash("parquet", *((os.path.basename(f), size(f)) for f in self.files), total)
         self._cache: OrderedDict = OrderedDict()
+        #: row-group reads made by this process (what data.streaming keeps to one per group and epoch)
+        self.reads = 0
+
+    def _file(self, path: str) -> pq.ParquetFile:
+        return pq.ParquetFile(path, filesystem=self.fs)
+
+    def row_group_of(self, rows) -> list[int]:
+        """The row group (index over all files) holding each global row index."""
+        return [bisect.bisect_right(self._starts, int(r)) - 1 for r in rows]
 
     def __getstate__(self):  # DataLoader workers: ship paths, not open readers
         state = dict(self.__dict__)
@@ -100,7 +113,7 @@ class ParquetSource(RowSource):
     def column(self, name: str) -> list[Any]:
         out: list[Any] = []
         for path in self.files:
-            out.extend(pq.read_table(path, columns=[name]).column(name).to_pylist())
+            out.extend(self._file(path).read(columns=[name]).column(name).to_pylist())
         return out
 
     def row(self, index: int, columns: list[str]) -> dict[str, Any]:
@@ -111,7 +124,8 @@ class ParquetSource(RowSource):
         table = self._cache.get(key)
         if table is None:
             fi, rg = self._groups[g]
-            table = pq.ParquetFile(self.files[fi]).read_row_group(rg, columns=list(columns))
+            table = self._file(self.files[fi]).read_row_group(rg, columns=list(columns))
+            self.reads += 1
             self._cache[key] = table
             while len(self._cache) > self.CACHE_ROW_GROUPS:
                 self._cache.popitem(last=False)
@@ -191,6 +205,8 @@ def _parquet_files_for_split(files: list[str], split: str) -> list[str]:
 
 def open_source(source: str, split: str = "train") -> RowSource:
     """Resolve a table-like source (not jsonl / HPDv2 json, see jsonl.py) to a RowSource."""
+    if "://" in source:  # a remote (or fsspec) location: parquet files read in place, never downloaded whole
+        return _remote_parquet(source, split)
     if _is_disk_dataset(source):
         import datasets
 
@@ -219,6 +235,27 @@ def open_source(source: str, split: str = "train") -> RowSource:
     except Exception as err:
         raise DataFormatError(f"cannot load hub dataset {source!r} (split {split!r}): {err}") from err
     return HFSource(_pick_split(ds, split, source), description=f"hub:{source}")
+
+
+def _remote_parquet(source: str, split: str) -> ParquetSource:
+    """Parquet files at an fsspec URL (hf://datasets/ORG/NAME/..., s3://, gs://, https://, memory://): one
+    file, a folder searched recursively, or a glob."""
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(source)
+        if any(ch in path for ch in "*?["):
+            files = sorted(fs.glob(path))
+        elif fs.isdir(path):
+            files = _parquet_files_for_split(sorted(fs.glob(path.rstrip("/") + "/**/*.parquet")), split)
+        else:
+            files = [path] if fs.exists(path) else []
+    except (ImportError, ValueError, OSError) as err:
+        raise DataFormatError(f"cannot open {source!r}: {err}") from err
+    files = [f for f in files if f.endswith(".parquet")]
+    if not files:
+        raise DataFormatError(f"{source!r} holds no .parquet files")
+    return ParquetSource(files, description=source, fs=fs)
 
 
 def read_utf8_text(path: str | os.PathLike, error: type[Exception] = DataFormatError) -> str:

@@ -25,7 +25,9 @@ gain (docs/demo.md).
   reference drawn from the run's own checkpoints (every align_steps / 8 steps, theta_0 included), with the
   anchor flip; beta 2000 like dpo. The sample is made with the demo's own sampler (DDIM sample_steps, no
   guidance), a whole micro-batch at a time (sampler.batch_size = pairs per step: faster than 1, and equal
-  to it only up to float rounding, which the demo does not need).
+  to it only up to float rounding, which the demo does not need);
+- spo: SPO online from the Syn-Pic prompts, the toy reward on x0-hat as the step scorer (SPO_ROLLOUT below);
+  its pairs are denoising transitions, 4 per step, not 32 images.
 """
 
 from __future__ import annotations
@@ -92,12 +94,14 @@ class DemoRecipe:
     align_images: int = 32  # images per step: 16 pairs, or 8 ranked lists of k = 4 (RankDPO)
     eval_images_per_prompt: int = 32
     methods: tuple[str, ...] = tuple(METHODS)
+    spo_threshold: float = 0.3  # SPO keeps a pair when the best and worst softmaxed scores differ by more
 
 
 #: `diffalign demo --quick`: a smoke run of every stage in seconds (numbers mean nothing)
 QUICK = DemoRecipe(
     base=BaseRecipe(width=8, steps=4, batch_size=8, warmup_steps=0, images=64),
     groups_per_prompt=1, k=2, sample_steps=2, align_steps=2, align_images=4, eval_images_per_prompt=2,
+    spo_threshold=0.0,  # at 0.3 no rollout of the 4-step base kept a pair
 )  # fmt: skip
 
 #: the CI end-to-end test (tests/test_demo_e2e.py): the default base, data and protocol, and the two methods
@@ -143,10 +147,12 @@ def synpic_config(out: str | Path, r: DemoRecipe = DemoRecipe()) -> dict:
     }
 
 
-#: SPO in the toy world: the SD1.5 recipe's resampler (4 candidates, threshold 0.3, one trajectory for the first
-#: 20% of the steps: 2 of 10) on the demo's sampler (DDIM with eta 1, no guidance), 8 prompts per rollout,
-#: pairs_per_step pairs per step, the toy reward on x0-hat as the step scorer (docs/demo.md)
-SPO_ROLLOUT = {"scorer": "toy", "candidates": 4, "divert_start_step": 2, "inner_steps": 0, "threshold": 0.3}
+#: SPO in the toy world: the SD1.5 recipe's resampler (4 candidates, threshold 0.3 in DemoRecipe.spo_threshold,
+#: one trajectory for the first 20% of the steps: 2 of 10, in align_config) on the demo's sampler (DDIM with eta 1, no guidance),
+#: 8 prompts per rollout, 4 kept pairs per step (a rollout keeps about 12, so it feeds about 3 steps, as the
+#: reference's loop trains several steps on each rollout), the toy reward on x0-hat as the step scorer. Measured
+#: against 16 pairs per step (one step per rollout) in docs/demo.md
+SPO_ROLLOUT = {"scorer": "toy", "candidates": 4, "inner_steps": 0, "pairs_per_step": 4}
 SPO_PROMPTS_PER_ROLLOUT = 8
 
 
@@ -163,11 +169,12 @@ def align_config(method: str, out: str | Path, r: DemoRecipe = DemoRecipe()) -> 
     p = paths(out)
     batch = r.align_images // (r.k if m.data == "lists" else 2)
     online = {}
-    if m.data == "prompts":  # batch = kept transition pairs per step; the rollouts read prompts
+    if m.data == "prompts":  # batch = prompts per rollout
         online = {"experience": {"sampler": {"steps": r.sample_steps, "guidance": r.guidance, "eta": 1.0,
                                              "batch_size": SPO_PROMPTS_PER_ROLLOUT},
-                                 "rollout": SPO_ROLLOUT | {"pairs_per_step": batch,
-                                                           "divert_start_step": min(2, r.sample_steps - 1)}}}
+                                 # the last DDIM step is deterministic (final alpha 1: set_alpha_to_one): it gives no pairs
+                                 "rollout": SPO_ROLLOUT | {"divert_start_step": min(2, r.sample_steps - 2),
+                                                           "threshold": r.spo_threshold}}}
         batch = min(SPO_PROMPTS_PER_ROLLOUT, len(all_prompts()) * r.groups_per_prompt)
     cfg = {
         "model": {"pretrained": p["base"]},

@@ -156,6 +156,21 @@ class OfflineSource:
         return Experience(phi=phi, energy=lambda model: mse_energy(self.backbone, model, x0, noise, t, cond,
                                                                    self.fused_energy))
 
+    def placeholder(self) -> Experience:
+        """One item of zero latents under the empty prompt at t of the first draw: for a rank whose micro-batch
+        holds no usable item, so that it still runs the forward passes (and collectives) the others run.
+        Its loss is multiplied by zero; nothing here depends on the data."""
+        bb, K, res = self.backbone, self.candidates or 2, self.resolution
+        shape = bb.latent_shape(res, res)
+        x0 = torch.zeros(1, K, *shape, device=self.device)
+        noise = torch.zeros(1, *shape, device=self.device)
+        t = bb.process.sample_t(1, torch.Generator().manual_seed(0)).to(self.device)
+        cond = {k: v.to(self.device) for k, v in bb.empty_conditioning(K).items()}
+        cond |= {k: v.to(self.device) for k, v in bb.sampling_conditioning(K, res, res).items()}
+        phi = torch.zeros(1, K, device=self.device)
+        phi[:, 0] = 1.0
+        return Experience(phi=phi, energy=lambda model: mse_energy(bb, model, x0, noise, t, cond, self.fused_energy))
+
     def _latent_shape(self, batch: dict) -> tuple[int, ...]:
         if "latent_mean" in batch:
             return tuple(batch["latent_mean"].shape[2:])

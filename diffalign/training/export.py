@@ -36,7 +36,7 @@ def validation_images(trainer, denoiser) -> list:
 
         prompts = [p for p in cfg.prompts for _ in cfg.seeds]
         seeds = [s for _ in cfg.prompts for s in cfg.seeds]
-        with trainer.acc.autocast():
+        with trainer.autocast():
             arr = sample_images(bb, denoiser, prompts, seeds, steps=cfg.steps, guidance=cfg.guidance, height=res)
         return [Image.fromarray(a) for a in arr]
     from diffusers import DDIMScheduler
@@ -48,7 +48,7 @@ def validation_images(trainer, denoiser) -> list:
     for prompt in cfg.prompts:
         for seed in cfg.seeds:
             g = torch.Generator(device="cpu").manual_seed(seed)
-            with trainer.acc.autocast():
+            with trainer.autocast():
                 images.append(pipe(prompt, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
                                    height=res, width=res, generator=g).images[0])  # fmt: skip
     return images
@@ -133,6 +133,8 @@ def validation_grid(trainer, step: int) -> Path | None:
     denoiser = trainer.acc.unwrap_model(trainer.unet)
     tuned = validation_images(trainer, denoiser)
     base, what = base_images(trainer, denoiser)
+    if not trainer.acc.is_main_process:  # sharded weights: every rank sampled (collectives), rank 0 writes
+        return None
     n = len(cfg.seeds)
     cells, columns = [], []
     for s in cfg.seeds:
@@ -190,11 +192,14 @@ def save_kohya_lora(path: Path, peft_layers: dict[str, torch.Tensor], prefix: st
     save_file(kohya, str(path), metadata=meta)
 
 
-def export_final(trainer, metrics: dict) -> Path:
+def export_final(trainer, metrics: dict, weights: dict | None = None) -> Path:
     """LoRA runs write `pytorch_lora_weights.safetensors` (loadable with `pipe.load_lora_weights(dir)`) and,
-    for families that have one (Backbone.kohya_lora), its kohya copy; full runs write a complete diffusers pipeline folder (for pixel-space models the same
-    layout without a VAE, which `load_backbone` reads back). Then the last validation grid, metrics.json
-    and the model card (README.md); with hub.push, the folder is uploaded."""
+    for families that have one (Backbone.kohya_lora), its kohya copy; full runs write a complete diffusers
+    pipeline folder (for pixel-space models the same layout without a VAE, which `load_backbone` reads
+    back). Then the last validation grid, metrics.json and the model card (README.md); with hub.push, the
+    folder is uploaded. `weights`: the whole trainable
+    (LoRA) or model weights, gathered by every rank when they are sharded (training/distributed.py); None:
+    read them from the model."""
     import shutil
 
     out = trainer.out / "final"
@@ -204,7 +209,8 @@ def export_final(trainer, metrics: dict) -> Path:
     if trainer.cfg.lora is not None:
         from peft.utils import get_peft_model_state_dict
 
-        peft_layers = {k: v.detach().float().contiguous().cpu() for k, v in get_peft_model_state_dict(unet).items()}
+        peft_layers = get_peft_model_state_dict(unet, state_dict=weights)
+        peft_layers = {k: v.detach().float().contiguous().cpu() for k, v in peft_layers.items()}
         # the adapter's LoraConfig (rank, lora_alpha, targets) travels in the file's metadata: without it
         # diffusers assumes alpha = rank and loads the adapter at rank / alpha of its trained strength
         peft_config = unet.peft_config["default"]
@@ -212,6 +218,10 @@ def export_final(trainer, metrics: dict) -> Path:
         if bb.kohya_lora:
             save_kohya_lora(out / KOHYA_FILE, peft_layers, bb.lora_prefix, peft_config)
     else:
+        if weights is not None:
+            from diffalign.training.distributed import module_with
+
+            unet = module_with(unet, weights)
         if unet.dtype != torch.float32:  # diffusers warns on any dtype cast, even a no-op one
             unet = unet.to(torch.float32)
         bb.save_pretrained(out, unet)

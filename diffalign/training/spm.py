@@ -62,6 +62,8 @@ class SPMTrainer(Trainer):
 
     cfg: SPMConfig
 
+    pushes_to_hub = False  # an SPM config has no hub section
+
     def _init_objective(self) -> None:
         self.objective, self.objective_params = None, {}
 

@@ -13,21 +13,23 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
 from diffalign.backbones.registry import backbone_from_config
-from diffalign.config import Config, dump_config, weight_dtype
+from diffalign.config import Config, ConfigError, dump_config, weight_dtype
 from diffalign.errors import UserError
 from diffalign.objectives import get_objective
 from diffalign.training import checkpoint as ckpt
-from diffalign.training import preflight
+from diffalign.training import distributed, preflight
+from diffalign.training.distributed import make_accelerator
 from diffalign.training.experience import GeneratedSource, OfflineSource, RolloutSource, stream_seed
-from diffalign.training.reference import make_reference
+from diffalign.training.reference import FrozenCopyReference, make_reference
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -49,8 +51,11 @@ class GlobalBatchSampler:
     Global batch m is positions [p*G, (p+1)*G) of the permutation of epoch e, where (e, p) = divmod(m, P),
     P = floor(N / G) batches per epoch (the incomplete tail is dropped), G = batch_size * world_size."""
 
-    def __init__(self, n_items: int, batch_size: int, world_size: int, rank: int, seed: int, start: int = 0):
+    def __init__(self, n_items: int, batch_size: int, world_size: int, rank: int, seed: int, start: int = 0,
+                 order=None):
         self.n, self.b, self.world, self.rank, self.seed, self.start = n_items, batch_size, world_size, rank, seed, start
+        #: epoch -> the permutation of that epoch (data.streaming: diffalign.data.stream); None: torch.randperm
+        self.order = order
         self.global_batch = batch_size * world_size
         self.per_epoch = n_items // self.global_batch
         if self.per_epoch == 0:
@@ -68,7 +73,8 @@ class GlobalBatchSampler:
         while True:
             epoch, pos = divmod(micro, self.per_epoch)
             if epoch != perm_epoch:
-                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1009 + epoch))
+                perm = self.order(epoch) if self.order is not None else \
+                    torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1009 + epoch))
                 perm_epoch = epoch
             glob = perm[pos * self.global_batch : (pos + 1) * self.global_batch]
             yield [(int(i), epoch) for i in glob[self.rank * self.b : (self.rank + 1) * self.b]]
@@ -110,22 +116,6 @@ def warmup_log_decay(optimizer, warmup: int, decay_end: int, processes: int = 1)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def make_accelerator(cfg: Config):
-    """The Accelerator a config asks for (mixed precision, trackers, the run folder as project dir)."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
-    out = Path(cfg.output_dir)
-    log_with = [t for t, on in (("tensorboard", cfg.logging.tensorboard), ("wandb", cfg.logging.wandb)) if on]
-    return Accelerator(
-        # without an accelerator, cpu=True lets torchrun-launched processes form a gloo DDP group
-        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
-        mixed_precision=cfg.train.mixed_precision,
-        log_with=log_with or None,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-    )
-
-
 class Trainer:
     """`Trainer(cfg).train()`. Pass `accelerator` to run inside one you built (its mixed precision must
     match train.mixed_precision); by default one is made from the config."""
@@ -134,6 +124,8 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.acc = accelerator if accelerator is not None else make_accelerator(cfg)
+        self.acc.gradient_accumulation_steps = cfg.train.grad_accum  # accelerate.accumulate syncs on the last
+        distributed.check(self.acc, cfg)
         if self.acc.mixed_precision != cfg.train.mixed_precision:
             raise ValueError(f"the accelerator runs mixed_precision={self.acc.mixed_precision!r} but the config "
                              f"asks for {cfg.train.mixed_precision!r}")  # fmt: skip
@@ -159,19 +151,28 @@ class Trainer:
         self.resume_path = ckpt.find_resume(self.out, self.resume, self._objective_state(), log=self.acc.print)
         preflight.check_extras(cfg)
         preflight.check_model(cfg.model)
-        from diffalign.data import build_preference_dataset
+        if cfg.data.format == "prompts":  # online training (SPO): no usable prompt is an error here
+            from diffalign.data.prompts import build_prompt_dataset
 
-        self.data = build_preference_dataset(cfg.data, seed=cfg.train.seed)
-        if cfg.cache.enabled:  # a cache's items were screened when it was built
-            from diffalign.training.cache import cache_dir_for, verify_cache
-
-            verify_cache(cache_dir_for(cfg))
+            self.data = build_prompt_dataset(cfg.data)
         else:
-            preflight.probe_data(self.data, cfg.data.max_skip_fraction)
-        if cfg.hub.push and self.acc.is_main_process:  # login and repo problems surface now, not after training
+            from diffalign.data import build_preference_dataset
+
+            self.data = build_preference_dataset(cfg.data, seed=cfg.train.seed)
+            if cfg.cache.enabled:  # a cache's items were screened when it was built
+                from diffalign.training.cache import cache_dir_for, verify_cache
+
+                verify_cache(cache_dir_for(cfg))
+            else:
+                preflight.probe_data(self.data, cfg.data.max_skip_fraction)
+        if self.pushes_to_hub and self.acc.is_main_process:  # login and repo problems surface now, not after training
             from diffalign.training.export import hub_repo
 
             hub_repo(self)
+
+    @property
+    def pushes_to_hub(self) -> bool:
+        return self.cfg.hub.push
 
     def _objective_state(self) -> dict:
         """What a resumed run must share with its checkpoint (another objective only warns)."""
@@ -216,6 +217,7 @@ class Trainer:
         self.reference = make_reference(cfg.reference_kind(), needs_ref, cfg.lora is not None, unet,
                                         self.weight_dtype, unwrap=acc.unwrap_model, pool=pool).to(acc.device)  # fmt: skip
         self.params = [p for p in unet.parameters() if p.requires_grad]
+        self.n_trainable = sum(p.numel() for p in self.params)
         if cfg.train.compile:
             self._compile(unet)
 
@@ -224,9 +226,17 @@ class Trainer:
         self.lr = cfg.optim.lr * (self.global_batch * cfg.train.grad_accum if cfg.optim.scale_lr else 1)
         optimizer = self._optimizer()
         scheduler = self._lr_scheduler(optimizer)
+        distributed.configure_deepspeed(acc, cfg)
+        distributed.prepare_fsdp(acc, unet)
         self.unet, self.optimizer, self.scheduler = acc.prepare(unet, optimizer, scheduler)
+        if acc.gradient_accumulation_steps != cfg.train.grad_accum:
+            raise ConfigError(f"accelerate accumulates {acc.gradient_accumulation_steps} micro-batches but "
+                              f"train.grad_accum={cfg.train.grad_accum}; leave accumulation out of accelerate's config")  # fmt: skip
         # the parameters the optimizer, clipping and EMA see, taken from the prepared model
         self.params = [p for p in acc.unwrap_model(self.unet).parameters() if p.requires_grad]
+        if isinstance(self.reference, FrozenCopyReference):  # sharded like the policy where it is sharded
+            self.reference.module = distributed.prepare_reference(acc, self.reference.module)
+        self._save_kwargs, self._load_kwargs = distributed.checkpoint_kwargs(acc, cfg.lora is not None)
         self.source = self._source()
         self._register_checkpoint_hooks()
         self.ema = None
@@ -294,7 +304,7 @@ class Trainer:
         """accelerate steps a prepared scheduler once per process for each optimizer step (it assumes the
         schedule counts per-process batches), so its lengths are given in those units, as the diffusers
         scripts do: the lr after n steps is then the same for any number of processes."""
-        o, n = self.cfg.optim, self.acc.num_processes
+        o, n = self.cfg.optim, distributed.schedule_units(self.acc)  # DeepSpeed's engine steps it once
         if o.scheduler == "warmup_log_decay":
             return warmup_log_decay(optimizer, o.warmup_steps, o.decay_steps or self.cfg.train.max_steps, n)
         from diffusers.optimization import get_scheduler
@@ -303,11 +313,7 @@ class Trainer:
                              num_training_steps=self.cfg.train.max_steps * n)  # fmt: skip
 
     def _dataset(self):
-        if self.cfg.data.format == "prompts":
-            from diffalign.data.prompts import build_prompt_dataset
-
-            return build_prompt_dataset(self.cfg.data)
-        if self.cfg.cache.enabled:
+        if self.cfg.cache.enabled and self.cfg.data.format != "prompts":
             from diffalign.training.cache import CachedPreferenceDataset, cache_dir_for
 
             return CachedPreferenceDataset(cache_dir_for(self.cfg), self.backbone, self.cfg, data=self.data)
@@ -329,8 +335,9 @@ class Trainer:
                          relative_step=False, clip_threshold=1.0)
 
     def _register_checkpoint_hooks(self) -> None:
-        """LoRA checkpoints hold only the adapter weights (megabytes, not the whole UNet)."""
-        if self.cfg.lora is None:
+        """LoRA checkpoints hold only the adapter weights (megabytes, not the whole UNet). Under FSDP and
+        DeepSpeed accelerate saves the model in the strategy's own format instead (distributed.py)."""
+        if self.cfg.lora is None or not distributed.lora_hooks_apply(self.acc):
             return
         from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
         from safetensors.torch import load_file, save_file
@@ -363,7 +370,14 @@ class Trainer:
         exp = self.source.next(batch, micro, self.unet, self.reference)
         if exp is None:  # nothing to learn in this batch on any process (SPO: no pair kept)
             return None
-        with self.acc.autocast():
+        return self._loss(exp)
+
+    def autocast(self):
+        """The mixed-precision context of a forward (distributed.autocast)."""
+        return distributed.autocast(self.acc, self.weight_dtype)
+
+    def _loss(self, exp):
+        with self.autocast():
             energy = exp.energy(self.unet)
             with torch.no_grad(), self.reference.model(self.unet) as ref_model:
                 ref = exp.energy(ref_model) if ref_model is not None else None
@@ -375,8 +389,13 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------------
     def _loader(self):
+        order = None
+        if self.cfg.data.streaming:
+            from diffalign.data.stream import stream_order
+
+            order = stream_order(self.dataset, self.cfg.train.seed)
         sampler = GlobalBatchSampler(len(self.dataset), self.cfg.train.batch_size, self.acc.num_processes,
-                                     self.acc.process_index, self.cfg.train.seed, start=self.micro)
+                                     self.acc.process_index, self.cfg.train.seed, start=self.micro, order=order)
         from diffalign.data import collate_preference
 
         self.sampler = sampler
@@ -405,14 +424,19 @@ class Trainer:
                                "check the step scorer")  # fmt: skip
 
     def _zero_loss(self) -> torch.Tensor:
-        # touches every trainable parameter, so DDP's gradient sync runs on every process alike
+        """A zero loss through the same forward passes as a real one (policy and reference, on a placeholder
+        item), so every rank runs the same collectives: DDP's gradient sync, FSDP's gathers and
+        reduce-scatters, ZeRO-3's parameter gathers. A source without a placeholder (SPO's rollouts, which
+        run under DDP only) touches every trainable parameter instead, which is all DDP needs."""
+        if hasattr(self.source, "placeholder"):
+            return self._loss(self.source.placeholder())[0] * 0
         return sum((p * 0).sum() for p in self.params)
 
     def summary(self) -> str:
         cfg, acc = self.cfg, self.acc
         eff = self.global_batch * cfg.train.grad_accum
         n = len(self.dataset)
-        trainable = sum(p.numel() for p in self.params)
+        trainable = self.n_trainable
         total = sum(p.numel() for p in self.backbone.denoiser.parameters())
         params = ", ".join(f"{k}={v}" for k, v in self.objective_params.items())
         lines = [
@@ -425,8 +449,12 @@ class Trainer:
             if self.source.kind != "rollout" else
             f"  batch       {cfg.train.batch_size} prompts per process per rollout; {cfg.experience.rollout.pairs_per_step} kept "
             f"pairs per process x {acc.num_processes} processes x {cfg.train.grad_accum} accumulation per step",
-            f"  schedule    {cfg.train.max_steps} steps = {cfg.train.max_steps * eff / max(n, 1):.2f} epochs; lr {self.lr:g} ({cfg.optim.optimizer}, {cfg.optim.scheduler}, warmup {cfg.optim.warmup_steps})",
+            f"  schedule    {cfg.train.max_steps} steps"
+            + (" (epochs: as many as the kept pairs need)" if self.source.kind == "rollout"
+               else f" = {cfg.train.max_steps * eff / max(n, 1):.2f} epochs")
+            + f"; lr {self.lr:g} ({cfg.optim.optimizer}, {cfg.optim.scheduler}, warmup {cfg.optim.warmup_steps})",
             f"  precision   {cfg.train.mixed_precision}; device {acc.device}; output {self.out}",
+            f"  parallel    {distributed.describe(acc)} over {acc.num_processes} processes",
             f"  speed       {self.speed}",
         ]
         return "\n".join(lines)
@@ -439,7 +467,7 @@ class Trainer:
         cfg, acc = self.cfg, self.acc
         path = self.resume_path
         if path is not None:
-            acc.load_state(str(path))
+            acc.load_state(str(path), **self._load_kwargs)
             if self.ema is not None:
                 ckpt.load_ema(self.ema, path)
             if hasattr(self.source, "load_state"):
@@ -513,8 +541,14 @@ class Trainer:
                 self.micro += 1
                 if batch is None or batch.get("skipped"):
                     self.counters["skipped_items"] += (batch or {}).get("skipped", cfg.train.batch_size)
-            sync = acc.no_sync(self.unet) if i < accum - 1 and acc.num_processes > 1 else nullcontext()
-            with sync, self._keyed_global_rng(micro):
+            # gradients sync on the last micro-batch only (DDP no_sync, FSDP2 without reduce-scatter; under
+            # DeepSpeed the engine accumulates, clips and steps inside acc.backward). accelerate counts the
+            # micro-batches it has entered; a batch with nothing to learn is read again, so the count is set
+            # to this micro-step's place in the step rather than left to run on.
+            acc.step = i
+            # a micro-step on pending experience reads no data: its draws are keyed on the optimizer step instead
+            key = ("torchrng", micro) if micro is not None else ("pending", self.step * accum + i)
+            with acc.accumulate(self.unet), self._keyed_global_rng(*key):
                 if batch is not None:
                     out = self.compute_loss(self._to_device(batch), micro)
                     if out is None:  # read the next batch for this micro-step (the same on every process)
@@ -528,18 +562,25 @@ class Trainer:
                 all_ok = acc.gather(ok.reshape(1).to(acc.device)).min().item() > 0
                 if not all_ok:
                     nonfinite = True
-                if loss is None or not all_ok:
+                if loss is None:  # nothing usable on this rank: the same passes, on a placeholder
                     loss = self._zero_loss()
-                acc.backward(loss / accum)
+                elif not all_ok:  # the step is skipped; the backward still runs, so every rank syncs alike
+                    # (DeepSpeed steps inside backward: there the micro-batch adds a zero gradient instead)
+                    loss = self._zero_loss() if distributed.is_deepspeed(acc) else loss.nan_to_num() * 0
+                acc.backward(loss)  # divided by train.grad_accum (accelerate's, or DeepSpeed's)
             for k, v in ({"loss": loss.detach()} | metrics).items():
                 sums[k] = sums.get(k, 0.0) + float(v) / accum
             i += 1
         grad_norm = acc.clip_grad_norm_(self.params, cfg.optim.max_grad_norm or math.inf)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
         grad_ok = grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)).item())
         if nonfinite or (not grad_ok and cfg.train.mixed_precision != "fp16"):
             self.optimizer.zero_grad(set_to_none=True)
             return sums, True
-        self.optimizer.step()  # under fp16 the grad scaler skips an overflowing step and lowers its scale
+        # under fp16 the grad scaler skips an overflowing step and lowers its scale; under DeepSpeed the engine
+        # has stepped in acc.backward and this is a no-op
+        self.optimizer.step()
         self._check_weights(f"the update of step {self.step + 1}")
         self.scheduler.step()
         if self.ema is not None:
@@ -553,15 +594,15 @@ class Trainer:
         return sums, False
 
     @contextmanager
-    def _keyed_global_rng(self, micro: int):
-        """Inside a micro-batch, torch's global RNG (LoRA dropout draws from it) is seeded from (seed,
+    def _keyed_global_rng(self, stream: str, position: int):
+        """Inside a micro-batch, torch's global RNG (LoRA dropout draws from it) is seeded from (seed, stream,
         micro-step, process) and restored after. Left to run on, it would not survive a resume: the RNG
         states accelerate restores are those of the checkpoint, but starting a DataLoader iterator draws
         its base seed from the global stream, one draw a resumed run makes at another point."""
         acc = self.acc
         devices = [acc.device] if acc.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(stream_seed(self.cfg.train.seed, "torchrng", micro * acc.num_processes + acc.process_index))
+            torch.manual_seed(stream_seed(self.cfg.train.seed, stream, position * acc.num_processes + acc.process_index))
             yield
 
     def _log(self, window: dict[str, list[float]], t0: float) -> dict[str, float]:
@@ -647,17 +688,20 @@ class Trainer:
         root = ckpt.checkpoint_root(self.out)
         final = root / f"step-{self.step:07d}"
         tmp = root / f"step-{self.step:07d}.tmp"
-        self.acc.save_state(str(tmp))
+        if self.acc.is_main_process:  # what a save killed at this step left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        self.acc.save_state(str(tmp), **self._save_kwargs)  # each rank its files (RNG state; its shards)
         if self.ema is not None and self.acc.is_main_process:
             ckpt.save_ema(self.ema, tmp)
-        self.acc.wait_for_everyone()  # every rank has written its files (RNG states) before the rename
+        self.acc.wait_for_everyone()  # every rank has written before rank 0 renames and points `latest`
         if self.acc.is_main_process:
             if hasattr(self.source, "save_state"):  # experience not yet trained on (SPO's kept pairs)
                 self.source.save_state(tmp)
             state = {"step": self.step, "micro": self.micro, "counters": self.counters,
                      "objective": self._objective_state()}  # fmt: skip
             ckpt.finalize(tmp, final, state, self.cfg.checkpoint.keep)
-            if self.cfg.hub.push:
+            if self.pushes_to_hub:
                 from diffalign.training.export import push_folder
 
                 push_folder(self, final, "last-checkpoint", f"checkpoint at step {self.step}")
@@ -668,7 +712,8 @@ class Trainer:
     def validate(self) -> Path | None:
         from diffalign.training.export import validation_grid
 
-        if not self.acc.is_main_process:
+        # sharded weights: every rank samples (each forward is a collective); rank 0 writes the grid
+        if not (self.acc.is_main_process or distributed.is_sharded(self.acc)):
             return None
         with self.ema_weights():
             return validation_grid(self, self.step)
@@ -676,8 +721,13 @@ class Trainer:
     def export(self, metrics: dict) -> Path | None:
         from diffalign.training.export import export_final
 
-        self.acc.wait_for_everyone()
-        if not self.acc.is_main_process:
-            return None
-        with self.ema_weights():
-            return export_final(self, metrics)
+        acc = self.acc
+        acc.wait_for_everyone()
+        with self.ema_weights():  # whole weights gathered by every rank (a collective when sharded)
+            if self.cfg.lora is not None:
+                weights = distributed.gather_trainable(acc, self.unet)
+            else:
+                weights = distributed.full_state_dict(acc, self.unet) if distributed.is_sharded(acc) else None
+            if not acc.is_main_process:
+                return None
+            return export_final(self, metrics, weights)
