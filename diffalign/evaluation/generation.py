@@ -2,6 +2,10 @@
 
     generator(prompts: list[str], seeds: list[int]) -> list[PIL.Image]   (one image per (prompt, seed))
 
+Diffusers pipelines of every family diffalign trains load through `DiffusionPipeline` (SD, SDXL, SD3 / SD3.5,
+FLUX.1), with an optional LoRA export; flow-matching pipelines keep their own scheduler, and FLUX.1-dev's
+`guidance` is its embedded guidance scale.
+
 Each image gets its own `torch.Generator` on the CPU seeded with its seed, so an image depends only on
 its prompt, seed and model, not on batch size or on which other images are generated in the same run
 (this is what makes resuming safe), and the initial noise is the same on CPU and GPU.
@@ -96,6 +100,9 @@ def load_pipeline(
             raise ModelLoadError(f"{lora!r} has no LoRA weights (expected one of {', '.join(LORA_FILES)})")
         pipe.load_lora_weights(str(lp))
     if sampler != "default":
+        if "FlowMatch" in type(pipe.scheduler).__name__:
+            raise ModelLoadError(f"{model!r} is a flow-matching pipeline ({type(pipe).__name__}); it samples with its "
+                                 f"own {type(pipe.scheduler).__name__}: use sampler 'default', not {sampler!r}")  # fmt: skip
         cls, kwargs = _scheduler_class(sampler)
         pipe.scheduler = cls.from_config(pipe.scheduler.config, **kwargs)
     pipe.set_progress_bar_config(disable=True)
@@ -191,8 +198,10 @@ def is_pixel_folder(model: str) -> bool:
 
 class PixelGenerator:
     """A pixel-space model folder (unet/, text_encoder/, tokenizer/, scheduler/; no VAE) loaded with
-    `diffalign.backbones.load_backbone` on the first call and sampled by `diffalign.sampling` with DDIM
-    (eta 0) and classifier-free guidance against the empty prompt. The initial noise of each image comes
+    `diffalign.backbones.load_backbone` on the first call and sampled by `diffalign.sampling` with its noise
+    process's deterministic step (DDIM with eta 0 for a DDPM folder, Euler for a flow-matching one, e.g.
+    `diffalign demo --process flow`; sampler "ddim" or "default" means that step) and classifier-free
+    guidance against the empty prompt. The initial noise of each image comes
     from a CPU generator seeded with its seed, as for diffusers models."""
 
     def __init__(self, model: str, lora: str | None = None, device: str = "cpu", dtype: str = "float32",
@@ -203,7 +212,8 @@ class PixelGenerator:
         if lora is not None:
             raise ModelLoadError("LoRA weights on a pixel-space model are not supported by diffalign eval yet")
         if sampler not in ("default", "ddim"):
-            raise ModelLoadError(f"pixel-space models are sampled with DDIM; sampler {sampler!r} is not supported")
+            raise ModelLoadError(f"pixel-space models are sampled with their process's own step (DDIM, or Euler for "
+                                 f"flow matching); sampler {sampler!r} is not supported")  # fmt: skip
         if negative_prompt:
             raise ModelLoadError("pixel-space models take no negative prompt (guidance is against the empty prompt)")
         if height is not None and width is not None and height != width:

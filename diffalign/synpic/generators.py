@@ -58,7 +58,9 @@ class DiffusersGenerator:
     One CPU `torch.Generator` per image, seeded with its seed, so an image does not depend on the
     device or on the other images of its batch's noise. `scheduler` is a diffusers scheduler class name
     (e.g. "DPMSolverMultistepScheduler") built from the pipeline's scheduler config plus
-    `scheduler_kwargs`; `resolution` sets height = width (None: the pipeline's default)."""
+    `scheduler_kwargs`; `resolution` sets height = width (None: the pipeline's default); `lora` a LoRA folder
+    loaded with the pipeline's `load_lora_weights` (any family: SD, SDXL, SD3, FLUX). For FLUX.1-dev,
+    `guidance` is the guidance embedding (FluxPipeline's guidance_scale), not classifier-free guidance."""
 
     def __init__(
         self,
@@ -77,6 +79,7 @@ class DiffusersGenerator:
         variant: str | None = None,
         pipeline_kwargs: dict | None = None,
         images_per_prompt: int = 1,
+        lora: str | None = None,
     ):
         self.model, self.name = model, name or model
         self.steps, self.guidance, self.resolution = steps, guidance, resolution
@@ -89,6 +92,7 @@ class DiffusersGenerator:
         )
         self.revision, self.variant = revision, variant
         self.pipeline_kwargs, self.images_per_prompt = dict(pipeline_kwargs or {}), images_per_prompt
+        self.lora = lora
         self._pipe = None
 
     def _load(self):
@@ -106,6 +110,8 @@ class DiffusersGenerator:
             revision=self.revision,
             variant=self.variant,
         )
+        if self.lora is not None:
+            pipe.load_lora_weights(self.lora)
         if self.scheduler:
             cls = getattr(diffusers, self.scheduler, None)
             if cls is None or not hasattr(cls, "from_config"):

@@ -71,12 +71,12 @@ class SPMTrainer(Trainer):
         return {"name": "spm"}
 
     def _build(self) -> None:
-        from diffalign.backbones import load_backbone
+        from diffalign.backbones.registry import backbone_from_config
         from diffalign.rewards.spm import build_spm_model, load_spm_weights
         from diffalign.training.experience import OfflineSource
 
         cfg, acc, mc, sc = self.cfg, self.acc, self.cfg.model, self.cfg.spm
-        self.backbone = bb = load_backbone(mc.pretrained, mc.family, mc.revision, mc.variant, mc.vae, mc.prediction_type)
+        self.backbone = bb = backbone_from_config(mc)
         bb.denoiser.requires_grad_(False).eval()
         bb.place(acc.device, self.weight_dtype, mc.vae_fp32)
         bb.denoiser.to(acc.device)
