@@ -258,8 +258,8 @@ def test_lora_export_loads_into_the_pipeline_eval_and_synpic(tmp_path, folders, 
     """The exported LoRA (alpha != rank) changes the real pipeline's output and loads at its trained scale;
     `diffalign eval`'s generator and the Syn-Pic diffusers generator load it too and make the same image.
     No kohya copy is written for these families, and the model card says so."""
-    from diffalign.evaluation.generation import ModelLoadError, load_pipeline, make_generator
-    from diffalign.synpic.generators import DiffusersGenerator
+    from diffalign.sampling.generators import ModelLoadError, load_pipeline, make_generator
+    from diffalign.synpic.generators import diffusers_generator
     from diffalign.training.export import KOHYA_FILE
 
     trainer = run(_cfg(tmp_path / "run", family, optim={"lr": 1e-2}, train={"max_steps": 2},
@@ -293,8 +293,8 @@ def test_lora_export_loads_into_the_pipeline_eval_and_synpic(tmp_path, folders, 
 
     kw = dict(steps=3, guidance=guidance, height=32, width=32)
     evaluated = make_generator(str(folders[family]), lora=str(final), **kw)(["a red circle"], [0])[0]
-    synpic = DiffusersGenerator(str(folders[family]), lora=str(final), steps=3, guidance=guidance, resolution=32,
-                                device="cpu").generate(["a red circle"], [0])[0]  # fmt: skip
+    synpic = diffusers_generator(str(folders[family]), lora=str(final), steps=3, guidance=guidance, resolution=32,
+                                 device="cpu").generate(["a red circle"], [0])[0]  # fmt: skip
     expected = (tuned * 255).round().astype("uint8")
     assert np.abs(np.asarray(evaluated).astype(int) - expected).max() <= 1
     assert np.abs(np.asarray(synpic).astype(int) - expected).max() <= 1

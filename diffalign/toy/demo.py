@@ -65,9 +65,9 @@ def run_demo(recipe: DemoRecipe, out: str | Path = DEFAULT_OUT, progress: bool =
     """Run every stage into `out`; returns the results (also written to OUT/results.json). `quick`: the
     recipe is the --quick smoke run, which the results and the page say."""
     from diffalign.evaluation.cli import build_scorers
-    from diffalign.evaluation.generation import PixelGenerator
     from diffalign.evaluation.runner import ModelRun, run_eval
     from diffalign.evaluation.suites import load_suite
+    from diffalign.sampling.generators import PixelGenerator
     from diffalign.synpic.config import load_config as load_synpic_config
     from diffalign.synpic.run import run as run_synpic
     from diffalign.toy.base import ensure_base, train
