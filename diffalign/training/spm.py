@@ -102,6 +102,7 @@ class SPMTrainer(Trainer):
         self.lr = cfg.optim.lr * (self.global_batch * cfg.train.grad_accum if cfg.optim.scale_lr else 1)
         optimizer = self._optimizer()
         self.unet, self.optimizer, self.scheduler = acc.prepare(spm, optimizer, self._lr_scheduler(optimizer))
+        self._save_kwargs, self._load_kwargs = {}, {}  # accelerate's own checkpoint of the whole SPM
         self.params = [p for p in acc.unwrap_model(self.unet).parameters() if p.requires_grad]
         # the data side of a pair (its latents, timestep, noise) exactly as offline training draws it
         self.pairs = OfflineSource(bb, seed=cfg.train.seed, resolution=cfg.data.resolution, device=acc.device,
