@@ -24,12 +24,27 @@ class _Section(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class FlowConfig(_Section):
+    """Training options of flow-matching models (SD3 / SD3.5, FLUX.1, the flow toy); refused for others."""
+
+    #: how training draws u in (0, 1), t = the scheduler's table at floor(u * 1000) (diffusers'
+    #: compute_density_for_timestep_sampling). None: the family's default (SD3 logit_normal, as diffusers'
+    #: SD3 scripts; FLUX uniform, as its FLUX script's `--weighting_scheme none`; other flow models logit_normal)
+    timestep_density: Literal["logit_normal", "uniform", "mode"] | None = None
+    logit_mean: float = 0.0
+    logit_std: float = pydantic.Field(1.0, gt=0)
+    mode_scale: float = 1.29
+    #: the loss compares x_t - sigma v with x0 (diffusers' SD3 scripts' --precondition_outputs 1): a
+    #: sigma^2-weighted velocity MSE, which silently reweights a DPO's timesteps. Off: plain velocity MSE
+    precondition_outputs: bool = False
+
+
 class ModelConfig(_Section):
     #: hub id, local diffusers folder, or tiny:<family> (tiny random models built in code)
     pretrained: str
     #: auto: the family model_index.json's `_class_name` names (diffalign/backbones/registry.py; a test
     #: keeps this list equal to the registry's)
-    family: Literal["auto", "sd", "sdxl", "pixel"] = "auto"
+    family: Literal["auto", "sd", "sdxl", "pixel", "sd3", "flux"] = "auto"
     revision: str | None = None
     variant: str | None = None
     #: a separate VAE, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL under fp16
@@ -38,6 +53,14 @@ class ModelConfig(_Section):
     prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = None
     #: the VAE runs in fp32 by default even under mixed precision ("to avoid NaN losses", diffusers)
     vae_fp32: bool = True
+    #: flow-matching training options (timestep density, output preconditioning); None: the family's defaults
+    flow: FlowConfig | None = None
+    #: SD3: false leaves T5-XXL out; its tokens are then zeros, as StableDiffusion3Pipeline(text_encoder_3=None)
+    t5: bool = True
+    #: SD3 / FLUX: T5 tokens per prompt; None: the pipeline's default (SD3 256, FLUX 512)
+    max_sequence_length: int | None = pydantic.Field(None, ge=1)
+    #: FLUX.1-dev: the guidance embedding's value in training; None: 3.5 (diffusers' FLUX LoRA script)
+    guidance_embedding: float | None = None
 
 
 class LoraConfig(_Section):
@@ -203,7 +226,8 @@ class CacheConfig(_Section):
     #: read VAE latents and text conditioning from a `diffalign cache` directory instead of encoding each step
     enabled: bool = False
     dir: str | None = None  # None: <output_dir>/cache
-    #: storage precision of latent posteriors and text conditioning; fp32 keeps cached == uncached exactly
+    #: storage precision of the latent posteriors (text conditioning is stored in the training precision it
+    #: is computed in); fp32 keeps cached == uncached exactly
     dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
 
 

@@ -4,6 +4,12 @@ loop that runs the VAE and the text encoders every step (the diffusers DPO scrip
 
     python scripts/bench_train.py                                   # tiny SD, CPU, configs/tiny_dpo.yaml
     python scripts/bench_train.py --config configs/bench_sdxl_random.yaml --steps 10   # full-size SDXL, GPU
+    python scripts/bench_train.py --model sd3 --steps 10    # SD3-Medium architecture (GPU) / scaled down (CPU)
+    python scripts/bench_train.py --model flux --steps 10   # FLUX.1-dev architecture (GPU) / scaled down (CPU)
+
+`--model sd3|flux|sdxl` runs configs/bench_<model>_random.yaml: the full-size architecture with random weights
+when a GPU is available; on a CPU its scaled-down layout (small:<model>: the same block types, fewer and
+narrower layers, the T5 stand-in held lazily like a real one) at 128 px in fp32, which the table then says.
 
 `--against diffusers` (SDXL configs): the baseline is the step of diffusers' research script
 examples/research_projects/diffusion_dpo/train_diffusion_dpo_sdxl.py, re-run on the same model and batch (its
@@ -41,6 +47,19 @@ AGAINST = {
     "+ kernels": ['train.kernels="on"'],  # quoted: YAML reads a bare on as true
     "+ compile": ["train.compile=true"],
 }
+#: overrides that turn a bench_<model>_random.yaml recipe into its scaled-down CPU version
+_CPU = ["data.builtin_rows=16", "train.mixed_precision='no'", "train.gradient_checkpointing=false", "cache.dtype=fp32"]
+SCALED_DOWN = {
+    "sdxl": ["model.pretrained=tiny:sdxl", "data.resolution=32", *_CPU],
+    "sd3": ["model.pretrained=small:sd3", "data.resolution=128", *_CPU],
+    "flux": ["model.pretrained=small:flux", "data.resolution=128", *_CPU],
+}
+
+
+def gpu_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _sync(device) -> None:
@@ -190,13 +209,13 @@ def run_plain(cfg, warmup: int, steps: int) -> dict:
     from peft import LoraConfig
     from torch.utils.data import DataLoader
 
-    from diffalign.backbones import load_backbone
+    from diffalign.backbones.registry import backbone_from_config
     from diffalign.config import weight_dtype
     from diffalign.data import build_preference_dataset, collate_preference
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = weight_dtype(cfg.train.mixed_precision)
-    bb = load_backbone(cfg.model.pretrained)
+    bb = backbone_from_config(cfg.model)
     unet = bb.denoiser.requires_grad_(False).to(device, dtype)
     bb.place(device, dtype)
     if cfg.train.gradient_checkpointing:
@@ -230,16 +249,17 @@ def run_plain(cfg, warmup: int, steps: int) -> dict:
                 cond |= {k: v.to(device) for k, v in bb.micro_conditioning(
                     b["original_size"].flatten(0, 1), b["crop_top_left"].flatten(0, 1), cfg.data.resolution).items()}
             noise = torch.randn_like(lat[::2]).repeat_interleave(2, 0)
-            t = torch.randint(0, 1000, (B,), device=device).repeat_interleave(2)
+            t = bb.process.sample_t(B).to(device).repeat_interleave(2)  # DDPM: uniform integers; flow: the density
             noisy = bb.process.add_noise(lat, noise, t)
+            target = bb.process.target(lat, noise, t).float()
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 pred = bb.predict(unet, noisy, t, cond)
                 with torch.no_grad():
                     unet.disable_adapters()
                     ref = bb.predict(unet, noisy, t, cond)
                     unet.enable_adapters()
-            err = F.mse_loss(pred.float(), noise.float(), reduction="none").mean((1, 2, 3)).view(B, 2)
-            rerr = F.mse_loss(ref.float(), noise.float(), reduction="none").mean((1, 2, 3)).view(B, 2)
+            err = F.mse_loss(pred.float(), target, reduction="none").mean((1, 2, 3)).view(B, 2)
+            rerr = F.mse_loss(ref.float(), target, reduction="none").mean((1, 2, 3)).view(B, 2)
             inside = -0.5 * beta * ((err[:, 0] - err[:, 1]) - (rerr[:, 0] - rerr[:, 1]))
             (-F.logsigmoid(inside).mean() / cfg.train.grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -368,6 +388,8 @@ def against(args, workdir: str, env: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "configs" / "tiny_dpo.yaml"))
+    p.add_argument("--model", choices=tuple(SCALED_DOWN), help="run configs/bench_<model>_random.yaml (full size on a "
+                   "GPU, scaled down on a CPU); overrides --config")  # fmt: skip
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--variants", default=",".join(VARIANTS))
@@ -380,6 +402,10 @@ def main() -> None:
     args = p.parse_args()
     if args.variant:
         return child(args)
+    if args.model:
+        args.config = str(ROOT / "configs" / f"bench_{args.model}_random.yaml")
+        if not gpu_available():
+            args.overrides = [*SCALED_DOWN[args.model], *args.overrides]
 
     workdir = tempfile.mkdtemp(prefix="diffalign-bench-")
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}

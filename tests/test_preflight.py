@@ -23,7 +23,7 @@ def no_model(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the check")
 
-    monkeypatch.setattr("diffalign.training.trainer.load_backbone", refuse)
+    monkeypatch.setattr("diffalign.backbones.registry.load_backbone", refuse)  # what backbone_from_config calls
     monkeypatch.setattr("diffalign.backbones.load_backbone", refuse)
 
 

@@ -213,3 +213,57 @@ def test_stochastic_sampling_records_a_trajectory_with_transition_log_probs():
         lp = transition_log_prob(bb, bb.denoiser, traj.x[i], traj.x[i + 1], traj.t[i], traj.t_prev[i], cond, uncond,
                                  guidance=3.0, eta=1.0)  # fmt: skip
         torch.testing.assert_close(lp, traj.log_prob[i], rtol=1e-5, atol=1e-5)
+
+
+def test_flow_schedule_takes_a_pipelines_sigmas_and_mu():
+    """FluxPipeline's schedule: sigmas linspace(1, 1/n, n) shifted by mu (dynamic shifting); our (t, t_prev)
+    pairs are its timesteps and the next ones, ending at 0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    cfg = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+               base_image_seq_len=256, max_image_seq_len=4096)  # fmt: skip
+    proc = FlowMatchingProcess(FlowMatchEulerDiscreteScheduler(**cfg))
+    sigmas, mu = np.linspace(1.0, 1 / 6, 6), 0.83
+    sched = proc.schedule(6, mu=mu, sigmas=sigmas)
+    ref = FlowMatchEulerDiscreteScheduler(**cfg)
+    ref.set_timesteps(sigmas=sigmas, mu=mu)
+    assert [float(t) for t, _ in sched] == pytest.approx(ref.timesteps.tolist(), rel=1e-6)
+    assert float(sched[-1][1]) == 0.0 and float(sched[0][1]) == pytest.approx(float(ref.timesteps[1]), rel=1e-6)
+    shifted = math.exp(mu) / (math.exp(mu) + (1 / sigmas[1] - 1))  # the exponential time shift at sigma = 5/6
+    assert float(sched[1][0]) / 1000 == pytest.approx(shifted, rel=1e-5)
+    with pytest.raises(ValueError, match="mu"):
+        proc.schedule(6)
+    with pytest.raises(ValueError, match="3 sigmas for 6 steps"):
+        proc.schedule(6, mu=mu, sigmas=[1.0, 0.5, 0.2])
+
+
+def test_flow_precondition_outputs_closed_form_and_options():
+    proc = _sd3_flow()
+    pre = proc.with_options(precondition_outputs=True, density="mode")
+    assert (pre.density, pre.logit_std, proc.precondition_outputs) == ("mode", 1.0, False)
+    g = torch.Generator().manual_seed(4)
+    x0, noise, v = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
+    t = torch.tensor([980.0, 500.0, 30.0])
+    s = (t / 1000).view(-1, 1, 1, 1)
+    xt = pre.add_noise(x0, noise, t)
+    # diffusers' SD3 scripts: model_pred * (-sigma) + noisy compared with x0 ...
+    torch.testing.assert_close(pre.loss_output(v, xt, t), xt - s * v)
+    torch.testing.assert_close(pre.target(x0, noise, t), x0)
+    # ... which is the velocity error scaled by sigma: a sigma^2-weighted velocity MSE
+    torch.testing.assert_close(pre.loss_output(v, xt, t) - pre.target(x0, noise, t), s * ((noise - x0) - v),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    assert torch.equal(proc.loss_output(v, xt, t), v)
+    with pytest.raises(ValueError, match="unknown flow-matching option"):
+        proc.with_options(weighting="sigma_sqrt")
+
+
+def test_make_process_refuses_options_of_the_other_kind():
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from diffalign.backbones.processes import make_process
+
+    with pytest.raises(ValueError, match="flow-matching options"):
+        make_process(DDPMScheduler(), density="uniform")
+    with pytest.raises(ValueError, match="velocity"):
+        make_process(FlowMatchEulerDiscreteScheduler(), "epsilon")
+    assert make_process(FlowMatchEulerDiscreteScheduler(), density="uniform").density == "uniform"

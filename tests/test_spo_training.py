@@ -231,13 +231,13 @@ def test_spo_trains_a_flow_matching_backbone_with_the_sde_transition(tmp_path, m
 def test_a_prompt_file_without_a_prompt_is_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch):
     import yaml
 
+    from diffalign.backbones import registry
     from diffalign.cli import main
-    from diffalign.training import trainer
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model loaded before the prompts were read")
 
-    monkeypatch.setattr(trainer, "load_backbone", no_model)
+    monkeypatch.setattr(registry, "load_backbone", no_model)  # what the trainer's backbone_from_config calls
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n  \n")

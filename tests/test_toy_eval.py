@@ -116,7 +116,7 @@ def test_diffalign_eval_on_pixel_folders_with_a_paired_test(tmp_path):
 
 
 def test_pixel_generator_is_deterministic_per_seed_and_rejects_lora(tmp_path):
-    from diffalign.evaluation.generation import (
+    from diffalign.sampling.generators import (
         ModelLoadError,
         PixelGenerator,
         is_pixel_folder,

@@ -41,8 +41,10 @@ class Family:
     class_names: tuple[str, ...]
     #: load(path, revision=, variant=, vae=, prediction_type=) -> Backbone
     load: Callable[..., Backbone]
-    #: builders by kind ("tiny", "random"): builder(prediction_type=) -> Backbone
+    #: builders by kind ("tiny", "random", "small"): builder(prediction_type=, **options) -> Backbone
     builders: dict[str, Callable[..., Backbone]] = field(default_factory=dict)
+    #: family-specific model options its loader and builders take (ModelConfig fields, e.g. "t5")
+    options: tuple[str, ...] = ()
 
 
 class Backbone:
@@ -53,6 +55,17 @@ class Backbone:
     pipeline_class_name: str = ""
     #: where `load_lora_weights` finds the denoiser's adapter in an export (diffusers' prefix)
     lora_prefix: str = "unet"
+    #: LoRA layers are exported in diffusers' own key format (convert_state_dict_to_diffusers), as the
+    #: diffusers SD / SDXL DPO scripts do; False keeps peft's keys, as its SD3 / FLUX scripts save them
+    #: (the converter knows only the to_q/k/v/out names: MMDiT's context projections would stay in peft's
+    #: format, and a key set mixing both is only partly loaded by StableDiffusion3Pipeline)
+    lora_keys_diffusers: bool = True
+    #: a LoRA export also writes a kohya-format copy (diffusers' convert_state_dict_to_kohya, which maps
+    #: the SD / SDXL UNet's keys)
+    kohya_lora: bool = True
+    #: sampling guidance is classifier-free (a conditional and an unconditional branch); False for
+    #: guidance-distilled models (FLUX.1-dev takes the scale as an input)
+    classifier_free_guidance: bool = True
 
     def __init__(self, denoiser: nn.Module, noise_scheduler, prediction_type: str | None = None, source: str = "",
                  **process_options):  # fmt: skip
@@ -119,6 +132,11 @@ class Backbone:
         """The denoiser's raw output at x_t (what `process.target` is compared with)."""
         raise NotImplementedError
 
+    def schedule_kwargs(self, height: int, width: int, steps: int) -> dict:
+        """Extra arguments of `process.schedule` for an image of height x width, as the family's pipeline
+        computes them (FLUX: sigmas and the dynamic shift `mu`); none by default."""
+        return {}
+
     def guided_prediction(self, model: nn.Module, x: torch.Tensor, t, cond: Conditioning,
                           uncond: Conditioning | None, guidance: float) -> torch.Tensor:  # fmt: skip
         """Classifier-free guidance u + g (c - u), both branches in one batch [uncond; cond]; guidance <= 1
@@ -163,9 +181,14 @@ class Backbone:
         raise NotImplementedError
 
     def save_lora(self, path, lora_layers: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-        """Write the denoiser's LoRA in diffusers' format, loadable with the pipeline's load_lora_weights."""
+        """Write the denoiser's LoRA (peft's state dict, get_peft_model_state_dict) in the format the
+        family's pipeline loads with load_lora_weights."""
         import diffusers
 
+        if self.lora_keys_diffusers:
+            from diffusers.utils import convert_state_dict_to_diffusers
+
+            lora_layers = convert_state_dict_to_diffusers(lora_layers)
         cls = getattr(diffusers, self.pipeline_class_name)
         kwargs = {f"{self.lora_prefix}_lora_layers": lora_layers}
         if metadata is not None:

@@ -75,6 +75,11 @@ class NoiseProcess:
         """A guided model output made safe before the step (identity unless the process clips)."""
         return output
 
+    def loss_output(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the training loss compares with `target`: the raw model output, unless the process
+        preconditions it (flow matching with `precondition_outputs`)."""
+        return output
+
     @property
     def init_noise_sigma(self) -> float:
         return 1.0
@@ -205,7 +210,7 @@ class FlowMatchingProcess(NoiseProcess):
     prediction_type = "velocity"
 
     def __init__(self, scheduler, density: str = "logit_normal", logit_mean: float = 0.0, logit_std: float = 1.0,
-                 mode_scale: float = 1.29):  # fmt: skip
+                 mode_scale: float = 1.29, precondition_outputs: bool = False):  # fmt: skip
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         if density not in TIMESTEP_DENSITIES:
@@ -217,6 +222,7 @@ class FlowMatchingProcess(NoiseProcess):
         self.config = dict(self.scheduler.config)
         self.num_train_timesteps = int(self.config["num_train_timesteps"])
         self.density, self.logit_mean, self.logit_std, self.mode_scale = density, logit_mean, logit_std, mode_scale
+        self.precondition_outputs = precondition_outputs
         # the training table: the scheduler's sigmas before any set_timesteps (shifted unless dynamic)
         fresh = FlowMatchEulerDiscreteScheduler.from_config(self.config)
         self.train_sigmas = fresh.sigmas.clone().float()  # [T] from ~1 down
@@ -246,13 +252,41 @@ class FlowMatchingProcess(NoiseProcess):
         return (1.0 - s) * x0 + s * noise
 
     def target(self, x0, noise, t):
-        return noise - x0
+        """The velocity eps - x0; with `precondition_outputs`, x0 (diffusers' SD3 scripts' option)."""
+        return x0 if self.precondition_outputs else noise - x0
+
+    def loss_output(self, output, x_t, t):
+        """With `precondition_outputs` the loss compares x_t - sigma v with x0, as diffusers' SD3 scripts do
+        with `--precondition_outputs 1`: (x_t - sigma v) - x0 = sigma ((eps - x0) - v), so the error is the
+        velocity error weighted by sigma^2. Off by default: a DPO built on it silently reweights timesteps."""
+        if not self.precondition_outputs:
+            return output
+        return x_t - _rows(self.sigma(t), x_t).to(output.dtype) * output
+
+    def with_options(self, **options) -> FlowMatchingProcess:
+        """The same schedule with other training options (density, logit_mean, logit_std, mode_scale,
+        precondition_outputs); None keeps this process's value."""
+        current = dict(density=self.density, logit_mean=self.logit_mean, logit_std=self.logit_std,
+                       mode_scale=self.mode_scale, precondition_outputs=self.precondition_outputs)  # fmt: skip
+        unknown = sorted(set(options) - set(current))
+        if unknown:
+            raise ValueError(f"unknown flow-matching option(s) {unknown}; known: {sorted(current)}")
+        return FlowMatchingProcess(self.scheduler, **(current | {k: v for k, v in options.items() if v is not None}))
+
+    def describe(self) -> str:
+        extra = f", {self.density} timesteps" + (", preconditioned outputs" if self.precondition_outputs else "")
+        return f"{self.kind} ({self.prediction_type}{extra})"
 
     # ---- sampling -----------------------------------------------------------------------------------
-    def schedule(self, steps: int, mu: float | None = None, **kwargs) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def schedule(self, steps: int, mu: float | None = None, sigmas=None, **kwargs) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The scheduler's sampling sigmas for `steps` (with dynamic shifting, `mu` is required, as the
-        FLUX pipeline computes it from the image sequence length); t = sigma * T, the last t_prev is 0."""
-        self.scheduler.set_timesteps(steps, mu=mu)
+        FLUX pipeline computes it from the image sequence length; `sigmas`, the unshifted sigmas a pipeline
+        passes, e.g. FluxPipeline's linspace(1, 1/steps, steps)); t = sigma * T, the last t_prev is 0."""
+        if sigmas is not None:
+            sigmas = [float(s) for s in sigmas]
+            if len(sigmas) != steps:
+                raise ValueError(f"got {len(sigmas)} sigmas for {steps} steps")
+        self.scheduler.set_timesteps(None if sigmas is not None else steps, sigmas=sigmas, mu=mu)
         ts = (self.scheduler.sigmas.float() * self.num_train_timesteps).tolist()
         return [(torch.tensor(a), torch.tensor(b)) for a, b in zip(ts[:-1], ts[1:])]
 
@@ -284,10 +318,22 @@ class FlowMatchingProcess(NoiseProcess):
         return x.float() - _rows(self.sigma(t), x) * output.float()
 
 
+def is_flow_scheduler(scheduler) -> bool:
+    """Whether a diffusers scheduler (or its config) is a flow-matching one (FlowMatch* class)."""
+    config = scheduler if isinstance(scheduler, dict) else dict(scheduler.config)
+    return "FlowMatch" in config.get("_class_name", type(scheduler).__name__)
+
+
 def make_process(scheduler, prediction_type: str | None = None, **flow_options) -> NoiseProcess:
     """The process a diffusers scheduler config describes: flow matching for FlowMatch* schedulers,
     DDPM-family (epsilon / v / sample) otherwise."""
-    name = dict(scheduler.config).get("_class_name", type(scheduler).__name__)
-    if "FlowMatch" in name:
-        return FlowMatchingProcess(scheduler, **flow_options)
+    if is_flow_scheduler(scheduler):
+        if prediction_type is not None:
+            raise ValueError(f"model.prediction_type={prediction_type!r}: a flow-matching model predicts the "
+                             "velocity; leave prediction_type unset")  # fmt: skip
+        return FlowMatchingProcess(scheduler, **{k: v for k, v in flow_options.items() if v is not None})
+    given = {k: v for k, v in flow_options.items() if v is not None}
+    if given:
+        raise ValueError(f"flow-matching options {sorted(given)} given for a {type(scheduler).__name__} model; "
+                         "they apply to flow-matching models only (SD3, FLUX, the flow toy)")  # fmt: skip
     return DDPMProcess(scheduler, prediction_type)

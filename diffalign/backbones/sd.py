@@ -203,19 +203,29 @@ class PixelBackbone(StableDiffusionBackbone):
 
 def load_components(path, revision=None, variant=None, vae=None, with_vae=True) -> dict:
     """The Stable Diffusion-layout parts of a folder or hub id (unet, scheduler, tokenizer, text_encoder,
-    vae), frozen; `vae` (a path or hub id) replaces the folder's VAE. `scheduler` is DDPM over the folder's
-    scheduler config (training noise); `pipeline_scheduler` the class the folder names (export)."""
+    vae), frozen; `vae` (a path or hub id) replaces the folder's VAE. `scheduler` is the training schedule:
+    DDPM over the folder's scheduler config, or FlowMatchEulerDiscreteScheduler when the folder's is a
+    flow-matching one (the flow toy); `pipeline_scheduler` the class the folder names (export)."""
     import diffusers
-    from diffusers import AutoencoderKL, DDPMScheduler, SchedulerMixin, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        SchedulerMixin,
+        UNet2DConditionModel,
+    )
     from transformers import AutoTokenizer, CLIPTextModel
+
+    from diffalign.backbones.processes import is_flow_scheduler
 
     kw = dict(revision=revision)
     scheduler_config = DDPMScheduler.load_config(path, subfolder="scheduler", **kw)
+    train_cls = FlowMatchEulerDiscreteScheduler if is_flow_scheduler(scheduler_config) else DDPMScheduler
     own = getattr(diffusers, str(scheduler_config.get("_class_name")), None)  # a diffusers class, never a path
-    own = own if isinstance(own, type) and issubclass(own, SchedulerMixin) else DDPMScheduler
+    own = own if isinstance(own, type) and issubclass(own, SchedulerMixin) else train_cls
     parts = {
         "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kw),
-        "scheduler": DDPMScheduler.from_config(scheduler_config),
+        "scheduler": train_cls.from_config(scheduler_config),
         "pipeline_scheduler": own.from_config(scheduler_config),
         "tokenizer": AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
         "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **kw),

@@ -89,10 +89,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    from diffalign.evaluation.generation import ModelLoadError, is_pixel_folder, make_generator
     from diffalign.evaluation.layout import LayoutError
     from diffalign.evaluation.runner import ModelRun, ResumeMismatch, UnreadableImages, model_label, run_eval
     from diffalign.evaluation.suites import SuiteError, load_suite
+    from diffalign.sampling.generators import ModelLoadError, is_pixel_folder, make_generator
 
     p = argparse.ArgumentParser(prog="diffalign eval", description="generate a suite's images and score them")
     p.add_argument("--model", required=True, help="hub id or diffusers folder (the base, with --lora)")

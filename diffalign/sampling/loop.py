@@ -78,13 +78,20 @@ def transition_log_prob(backbone: Backbone, model, x: torch.Tensor, x_prev: torc
 def sampling_conditions(backbone: Backbone, prompts: Sequence[str], height: int, width: int, guidance: float,
                         device, dtype) -> tuple[Conditioning, Conditioning | None]:  # fmt: skip
     """(cond, uncond) for generating one image per prompt at height x width: the prompts' text conditioning and,
-    with guidance > 1, the empty prompt's (classifier-free guidance), each with the sampler's micro-conditioning."""
+    with guidance > 1 on a family that uses classifier-free guidance, the empty prompt's, each with the
+    sampler's micro-conditioning."""
     n = len(prompts)
     micro = {k: v.to(device) for k, v in backbone.sampling_conditioning(n, height, width).items()}
     cond = {k: v.to(device, dtype) for k, v in backbone.encode_text(list(prompts)).items()} | micro
-    if guidance <= 1.0:
+    if guidance <= 1.0 or not backbone.classifier_free_guidance:  # FLUX.1-dev: guidance is an embedding
         return cond, None
     return cond, {k: v.to(device, dtype) for k, v in backbone.empty_conditioning(n).items()} | micro
+
+
+def sampling_schedule(backbone: Backbone, steps: int, height: int, width: int, schedule_kwargs: dict | None = None):
+    """The process's `steps`-step sampling schedule for height x width images, with the family's own
+    arguments (FLUX: sigmas and the dynamic shift) under any given `schedule_kwargs`."""
+    return backbone.process.schedule(steps, **(backbone.schedule_kwargs(height, width, steps) | (schedule_kwargs or {})))
 
 
 @dataclass
@@ -121,7 +128,7 @@ def sample(backbone: Backbone, model, prompts: Sequence[str], seeds: Sequence[in
     width = width or height
     shape = backbone.latent_shape(height, width)
     process = backbone.process
-    schedule = process.schedule(steps, **(schedule_kwargs or {}))
+    schedule = sampling_schedule(backbone, steps, height, width, schedule_kwargs)
     if trajectory and len(prompts) > batch_size:
         raise ValueError("trajectory=True needs all prompts in one batch (batch_size >= len(prompts))")
     traj = Trajectory() if trajectory else None

@@ -40,7 +40,13 @@ import torch
 
 from diffalign.backbones.base import Backbone, select_rows
 from diffalign.backbones.processes import StepResult
-from diffalign.sampling.loop import _model_device, _model_dtype, guided_output, sampling_conditions
+from diffalign.sampling.loop import (
+    _model_device,
+    _model_dtype,
+    guided_output,
+    sampling_conditions,
+    sampling_schedule,
+)
 
 #: fn(images [N, 3, H, W] in [-1, 1], prompts [N], t [N]) -> scores [N] (diffalign.rewards.spm.as_step_scorer)
 StepScorer = Callable[[torch.Tensor, list, torch.Tensor], torch.Tensor]
@@ -143,7 +149,7 @@ def _resample_batch(backbone, model, prompts, seeds, scorer, steps, guidance, et
     width = width or height
     shape = backbone.latent_shape(height, width)
     process = backbone.process
-    schedule = process.schedule(steps)
+    schedule = sampling_schedule(backbone, steps, height, width)
     B = len(prompts)
     cond, uncond = sampling_conditions(backbone, prompts, height, width, guidance, device, dtype)
     rep = torch.arange(B).repeat_interleave(K)  # candidate row b * K + k belongs to prompt b

@@ -82,6 +82,8 @@ class DiffusersConfig(_GeneratorBase):
     device: str | None = None
     batch_size: int = Field(default=8, ge=1)
     pipeline_kwargs: dict[str, Any] = Field(default_factory=dict)
+    #: a LoRA folder (e.g. a diffalign run's final/) loaded with the pipeline's load_lora_weights
+    lora: str | None = None
 
 
 GeneratorConfig = Annotated[ToyRenderConfig | ToySamplerConfig | DiffusersConfig, Field(discriminator="type")]

@@ -1,7 +1,8 @@
 """The toy world's deliberately imperfect base model, built by the real trainer and cached on disk.
 
 Recipe (`BaseRecipe`, docs/demo.md): a pixel-space UNet (diffalign.toy.model.build_unet) and the frozen
-toy text encoder, trained with `objective: sft` on freshly rendered images whose captions are corrupted
+toy text encoder, a DDPM model predicting x0 or (`process="flow"`) a rectified-flow model predicting the
+velocity, trained with `objective: sft` on freshly rendered images whose captions are corrupted
 35% of the time (wrong colour or wrong shape, `world.corrupt_caption`) and dropped 10% of the time (the
 data layer's `caption_dropout`, for classifier-free guidance), with EMA weights. It follows prompts about
 half the time, which leaves room for preference alignment to show.
@@ -41,6 +42,7 @@ import numpy as np
 RECIPE_VERSION = 2
 #: render seeds of the SFT data start here; disjoint from Syn-Pic's and the eval suite's sampling seeds
 SFT_DATA_SEED_BASE = 50_000_000
+PROCESSES = ("ddpm", "flow")
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,10 @@ class BaseRecipe:
     lr_schedule: str = "linear"  # warmup, then linear decay to 0: the most quality for a short run
     warmup_steps: int = 50
     ema_decay: float = 0.99
-    prediction_type: str = "sample"  # the denoiser's target: sample (x0) | epsilon | v_prediction
+    prediction_type: str = "sample"  # the DDPM denoiser's target: sample (x0) | epsilon | v_prediction
+    #: ddpm: the 1000-step linear DDPM schedule; flow: rectified flow (the UNet predicts the velocity and
+    #: prediction_type is unused), through the same FlowMatchingProcess as SD3 / FLUX
+    process: str = "ddpm"
     corrupt_p: float = 0.35  # share of captions with a wrong colour or shape
     caption_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
     images: int = 9600  # rendered (image, caption) rows; steps x batch_size / images = epochs
@@ -61,8 +66,15 @@ class BaseRecipe:
     text_encoder_seed: int = 0
 
     def key(self) -> str:
-        blob = json.dumps({"version": RECIPE_VERSION, **asdict(self)}, sort_keys=True)
+        fields = asdict(self)
+        if fields["process"] == "ddpm":  # the field came after the DDPM base was cached: its key stays
+            del fields["process"]
+        blob = json.dumps({"version": RECIPE_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def __post_init__(self):
+        if self.process not in PROCESSES:
+            raise ValueError(f"toy base process must be one of {PROCESSES}, got {self.process!r}")
 
 
 #: the demo's --quick smoke recipe: seconds, not a useful model
@@ -115,14 +127,17 @@ def write_sft_data(path: str | Path, recipe: BaseRecipe) -> Path:
 
 
 def build_init_backbone(recipe: BaseRecipe):
-    """The untrained pixel-space backbone: random UNet, the frozen toy text encoder, the toy schedule."""
+    """The untrained pixel-space backbone: random UNet, the frozen toy text encoder, the toy schedule (DDPM
+    with the recipe's prediction type, or the flow-matching one)."""
     from diffalign.backbones.sd import PixelBackbone
-    from diffalign.toy.model import build_scheduler, build_unet
+    from diffalign.toy.model import build_flow_scheduler, build_scheduler, build_unet
     from diffalign.toy.text import build_text_encoder, build_tokenizer
 
     tok = build_tokenizer()
     te = build_text_encoder(tok, seed=recipe.text_encoder_seed)
     unet = build_unet(width=recipe.width, sample_size=recipe.size, seed=recipe.seed)
+    if recipe.process == "flow":
+        return PixelBackbone(unet, build_flow_scheduler(), te, tok, source="toy:init")
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler.from_config(build_scheduler().config, prediction_type=recipe.prediction_type)
@@ -202,12 +217,14 @@ def ensure_base(recipe: BaseRecipe = BaseRecipe(), root: str | Path | None = Non
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m diffalign.toy.base", description=__doc__.split("\n")[0])
     p.add_argument("--inputs", help="only write init/ and sft.parquet into this folder")
+    p.add_argument("--process", choices=PROCESSES, default="ddpm", help="the base's noise process (default ddpm)")
     args = p.parse_args(argv)
+    recipe = BaseRecipe(process=args.process)
     if args.inputs:
-        init, data = write_inputs(args.inputs, BaseRecipe())
+        init, data = write_inputs(args.inputs, recipe)
         print(f"wrote {init} and {data}")
     else:
-        print(ensure_base())
+        print(ensure_base(recipe))
     return 0
 
 

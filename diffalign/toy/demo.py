@@ -1,4 +1,5 @@
-"""`diffalign demo [--quick] [--out DIR] [--methods a,b]`: the whole alignment loop in the toy world.
+"""`diffalign demo [--quick] [--out DIR] [--methods a,b] [--process flow]`: the whole alignment loop in the toy
+world, with its DDPM base or (`--process flow`) a rectified-flow one.
 
 1. base: the cached toy base model (diffalign.toy.base), trained by the real trainer on first use;
 2. data: toy Syn-Pic (`diffalign synpic` code: the base sampled k times per prompt, ranked by the toy reward);
@@ -25,7 +26,18 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from diffalign.toy.recipes import DEFAULT_OUT, METHODS, QUICK, DemoRecipe, align_config, paths, synpic_config
+from diffalign.toy.recipes import (
+    DEFAULT_OUT,
+    DEFAULT_OUTS,
+    FLOW,
+    METHODS,
+    QUICK,
+    QUICK_FLOW,
+    DemoRecipe,
+    align_config,
+    paths,
+    synpic_config,
+)
 
 #: the per-image outcome the paired test uses, and the table's columns (scorer name, header)
 CORRECT = "toy_correct"
@@ -53,9 +65,9 @@ def run_demo(recipe: DemoRecipe, out: str | Path = DEFAULT_OUT, progress: bool =
     """Run every stage into `out`; returns the results (also written to OUT/results.json). `quick`: the
     recipe is the --quick smoke run, which the results and the page say."""
     from diffalign.evaluation.cli import build_scorers
-    from diffalign.evaluation.generation import PixelGenerator
     from diffalign.evaluation.runner import ModelRun, run_eval
     from diffalign.evaluation.suites import load_suite
+    from diffalign.sampling.generators import PixelGenerator
     from diffalign.synpic.config import load_config as load_synpic_config
     from diffalign.synpic.run import run as run_synpic
     from diffalign.toy.base import ensure_base, train
@@ -196,8 +208,10 @@ def results_markdown(results: dict) -> str:
     base = results["models"]["base"]["scores"][CORRECT]["mean"]
     head = ["model"] + [h for _, h in COLUMNS] + ["Δ accuracy", "better / worse images", "McNemar p vs base",
                                                   "drift_w", "drift_l"]  # fmt: skip
+    process = results.get("recipe", {}).get("base", {}).get("process", "ddpm")
+    world = "Toy world" if process == "ddpm" else "Toy world with a flow-matching base (velocity, Euler sampling)"
     lines = [f"**{quick_note(results)}**", ""] if quick_note(results) else []
-    lines += [f"Toy world, {results['prompts']} prompts x {results['images_per_prompt']} images, the same seeds for "
+    lines += [f"{world}, {results['prompts']} prompts x {results['images_per_prompt']} images, the same seeds for "
              "every model (mean ± standard error).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
     for name, m in results["models"].items():
@@ -380,11 +394,19 @@ Configs of every step: <code>configs/</code>; training logs: <code>train/&lt;met
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="diffalign demo", description=__doc__.split("\n\n")[0].split(": ", 1)[-1])
     p.add_argument("--quick", action="store_true", help="a smoke run of every stage in seconds (numbers mean nothing)")
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    p.add_argument("--out", help=f"output folder (default {DEFAULT_OUTS['ddpm']}; {DEFAULT_OUTS['flow']} with "
+                                 "--process flow)")  # fmt: skip
     p.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--process", choices=("ddpm", "flow"), default="ddpm",
+                   help="the toy base's noise process: ddpm (x0 prediction, DDIM) or flow (rectified flow, velocity, "
+                        "Euler); default ddpm")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    recipe = QUICK if args.quick else DemoRecipe()
+    args.out = args.out or DEFAULT_OUTS[args.process]
+    if args.process == "flow":
+        recipe = QUICK_FLOW if args.quick else FLOW
+    else:
+        recipe = QUICK if args.quick else DemoRecipe()
     if args.methods:
         chosen = tuple(m.strip() for m in args.methods.split(",") if m.strip())
         unknown = [m for m in chosen if m not in METHODS]

@@ -3,7 +3,8 @@ through diffalign.synpic.generators.GENERATORS).
 
 - `ToyRenderGenerator`: the toy renderer itself, drawing a wrong caption with probability `corrupt_p`
   (seed-dependent): a free, exact generator for tests and demos.
-- `ToySamplerGenerator`: the toy world's pixel-space UNet sampled by `diffalign.sampling`.
+- `ToySamplerGenerator`: the toy world's pixel-space UNet sampled by `diffalign.sampling` (DDIM for the DDPM
+  base, Euler for the flow-matching one).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class ToyRenderGenerator:
 
 
 class ToySamplerGenerator:
-    """The toy pixel-space model sampled with DDIM + CFG (`diffalign.sampling`).
+    """The toy pixel-space model sampled with its process's deterministic step (DDIM, or Euler for a
+    flow-matching folder) + CFG (`diffalign.sampling`).
 
     `unet`: a diffusers UNet folder (config.json + safetensors) or a folder holding one under `unet/`
     (and then its noise schedule under `scheduler/`, if there is one);
@@ -104,9 +106,14 @@ class ToySamplerGenerator:
             unet = UNet2DConditionModel.from_pretrained(str(path), subfolder=sub, use_safetensors=True)
         scheduler = build_scheduler()
         if self.unet_path is not None and (Path(self.unet_path) / "scheduler" / "scheduler_config.json").is_file():
-            from diffusers import DDPMScheduler  # a model folder's own schedule (e.g. its prediction type)
+            # a model folder's own schedule (its prediction type, or flow matching)
+            from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-            scheduler = DDPMScheduler.from_pretrained(str(self.unet_path), subfolder="scheduler")
+            from diffalign.backbones.processes import is_flow_scheduler
+
+            config = DDPMScheduler.load_config(str(self.unet_path), subfolder="scheduler")
+            cls = FlowMatchEulerDiscreteScheduler if is_flow_scheduler(config) else DDPMScheduler
+            scheduler = cls.from_pretrained(str(self.unet_path), subfolder="scheduler")
         from diffalign.backbones import PixelBackbone
 
         tok = build_tokenizer()

@@ -72,3 +72,16 @@ def build_scheduler():
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(**scheduler_config())
+
+
+def flow_scheduler_config() -> dict:
+    """The flow-matching toy's schedule (FlowMatchEulerDiscreteScheduler kwargs): rectified flow on 1000
+    training sigmas, unshifted (shift 1: at 16x16 pixels there is no resolution to shift for). The UNet
+    then predicts the velocity eps - x0 (diffalign.backbones.processes.FlowMatchingProcess)."""
+    return dict(num_train_timesteps=TOY_NUM_TRAIN_TIMESTEPS, shift=1.0)
+
+
+def build_flow_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(**flow_scheduler_config())

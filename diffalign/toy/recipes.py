@@ -33,7 +33,7 @@ gain (docs/demo.md).
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -107,6 +107,14 @@ QUICK = DemoRecipe(
 #: the CI end-to-end test (tests/test_demo_e2e.py): the default base, data and protocol, and the two methods
 #: that gained most in the measured runs (docs/demo.md)
 CI = DemoRecipe(methods=("mapo", "dpo_winner"))
+
+#: `diffalign demo --process flow`: the same world, data protocol and methods with a rectified-flow base (the
+#: UNet predicts the velocity; training, Syn-Pic sampling and evaluation go through FlowMatchingProcess, Euler
+#: steps instead of DDIM). Every hyper-parameter is the DDPM demo's (docs/demo.md has both tables)
+FLOW = DemoRecipe(base=BaseRecipe(process="flow"))
+QUICK_FLOW = replace(QUICK, base=replace(QUICK.base, process="flow"))
+#: where each process's demo writes by default
+DEFAULT_OUTS = {"ddpm": DEFAULT_OUT, "flow": "runs/demo_flow"}
 
 
 def paths(out: str | Path) -> dict[str, str]:
@@ -202,7 +210,10 @@ _HEADERS = {
 
 def rendered(out: str | Path = DEFAULT_OUT, r: DemoRecipe = DemoRecipe()) -> dict[str, tuple[str, dict]]:
     """name -> (header comment, config) of every demo step, for the output folder `out`."""
-    docs = {"toy_base": (_HEADERS["toy_base"], base_config(out, r)),
+    base_header = _HEADERS["toy_base"]
+    if r.base.process != "ddpm":  # the inputs of a flow base
+        base_header = base_header.replace("--inputs", f"--process {r.base.process} --inputs")
+    docs = {"toy_base": (base_header, base_config(out, r)),
             "toy_synpic": (_HEADERS["toy_synpic"], synpic_config(out, r))}  # fmt: skip
     for name in r.methods:
         m = METHODS[name]

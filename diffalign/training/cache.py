@@ -5,7 +5,10 @@ VAE and the text encoders every step. What is stored keeps cached training equal
 - per item and orientation (both, when data.random_flip is on): the VAE posterior's mean and std of every
   candidate, so the trainer draws the same posterior sample it would draw from pixels; plus the SDXL
   size/crop ids;
-- per unique caption (and for ""): the text conditioning, so caption dropout still works.
+- per unique caption (and for ""): the text conditioning, so caption dropout still works. It is stored in
+  the training precision the text encoders ran at (no second rounding; T5-XXL states of SD3 / FLUX are
+  333 / 512 tokens x 4096 per caption), and a run that reads the cache never builds the lazily held T5
+  (diffalign/backbones/t5.py), whose fingerprint comes from its files.
 The flip and dropout of each step are drawn by `item_draws`, the same function the uncached path uses.
 A cache made with another model, other preprocessing or other data is refused, naming what differs.
 Random crops cannot be precomputed: data.random_crop with the cache is an error.
@@ -27,7 +30,7 @@ from diffalign.data.dataset import candidate_flips, item_draws
 from diffalign.errors import MissingFile, UserError, check_safetensors, cli_entry
 
 INDEX = "index.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: text conditioning in the training precision (text_dtype)
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -49,7 +52,7 @@ def fingerprint(cfg, backbone, n_items: int) -> dict:
     for k in ("max_items", "max_skip_fraction"):  # a cache of more items serves a run that uses fewer
         data.pop(k, None)
     return {"version": FORMAT_VERSION, "model": backbone.fingerprint(), "data": data, "seed": cfg.train.seed,
-            "dtype": cfg.cache.dtype}
+            "dtype": cfg.cache.dtype, "text_dtype": cfg.train.mixed_precision}
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -67,7 +70,8 @@ def build_cache(cfg, backbone=None, device: str | None = None, shard_items: int 
     """Encode every item of cfg.data (both flips when random_flip) and every caption; write shards + index."""
     from tqdm.auto import tqdm
 
-    from diffalign.backbones import load_backbone
+    from diffalign.backbones.registry import backbone_from_config
+    from diffalign.config import weight_dtype
     from diffalign.data import build_preference_dataset
 
     if cfg.data.random_crop:
@@ -77,12 +81,10 @@ def build_cache(cfg, backbone=None, device: str | None = None, shard_items: int 
 
     ds = build_preference_dataset(cfg.data, seed=cfg.train.seed)
     probe_data(ds, cfg.data.max_skip_fraction)  # before the model loads
-    mc = cfg.model
-    backbone = backbone or load_backbone(mc.pretrained, mc.family, mc.revision, mc.variant, mc.vae, mc.prediction_type)
-    from diffalign.config import weight_dtype
-
+    backbone = backbone or backbone_from_config(cfg.model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    backbone.place(device, weight_dtype(cfg.train.mixed_precision), mc.vae_fp32)
+    text_dtype = weight_dtype(cfg.train.mixed_precision)
+    backbone.place(device, text_dtype, cfg.model.vae_fp32)
     dtype = _DTYPES[cfg.cache.dtype]
     out = cache_dir_for(cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -106,7 +108,7 @@ def build_cache(cfg, backbone=None, device: str | None = None, shard_items: int 
             cond_keys[:] = sorted(enc)
             for j, cid in enumerate(pending_caps):
                 for k, v in enc.items():
-                    tensors[f"c.{cid}.{k}"] = v[j].to(dtype).cpu().contiguous()
+                    tensors[f"c.{cid}.{k}"] = v[j].to(text_dtype).cpu().contiguous()
                 captions[cid] = name
         with atomic_path(out / name) as tmp:
             save_file(tensors, str(tmp))

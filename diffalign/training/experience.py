@@ -86,7 +86,8 @@ def candidate_noise(params) -> bool:
 
 def mse_energy(backbone: Backbone, model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                cond: Conditioning, fused: bool = False) -> torch.Tensor:  # fmt: skip
-    """Per-candidate denoising error: mean over the latent dimensions of (prediction - target)^2, in fp32.
+    """Per-candidate denoising error: mean over the latent dimensions of (prediction - target)^2, in fp32
+    (the process's target and loss output: epsilon / v / x0 for DDPM, the velocity for flow matching).
 
     x0 [B, K, ...]; noise [B, ...] shared by an item's K candidates, or [B, K, ...] one per candidate;
     t [B] shared; cond holds B*K rows in item-major order. Returns [B, K] in float32. `fused`: through
@@ -102,7 +103,7 @@ def mse_energy(backbone: Backbone, model, x0: torch.Tensor, noise: torch.Tensor,
     process = backbone.process
     noisy = process.add_noise(x0_flat, noise_flat, t_flat)
     target = process.target(x0_flat, noise_flat, t_flat)
-    pred = backbone.predict(model, noisy, t_flat, cond)
+    pred = process.loss_output(backbone.predict(model, noisy, t_flat, cond), noisy, t_flat)
     err = (per_sample_mse if fused else per_sample_mse_reference)(pred, target)
     return err.view(B, K)
 
@@ -286,7 +287,9 @@ class RolloutSource:
         self.threshold, self.pairs_per_step = threshold, pairs_per_step
         self.unwrap = unwrap
         self.autocast = autocast or contextlib.nullcontext
-        self.schedule = backbone.process.schedule(steps)
+        from diffalign.sampling.loop import sampling_schedule
+
+        self.schedule = sampling_schedule(backbone, steps, resolution, resolution)  # the resampler's
         self.buffer: dict | None = None
 
     # ---- rollouts ---------------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ MIN_CELL = 128
 @torch.no_grad()
 def validation_images(trainer, denoiser) -> list:
     """The config's validation prompts x seeds (prompt-major) sampled from `denoiser`: with the backbone's
-    diffusers pipeline and DDIM for latent models, with diffalign.sampling (DDIM, the same seeds) for
-    pixel-space models. PIL images."""
+    diffusers pipeline for latent models (DDIM, or the flow-matching pipeline's own Euler scheduler), with
+    diffalign.sampling (the same sampler, the same seeds) for pixel-space models. PIL images."""
     cfg = trainer.cfg.validation
     bb = trainer.backbone
     res = cfg.resolution or trainer.cfg.data.resolution
@@ -41,7 +41,8 @@ def validation_images(trainer, denoiser) -> list:
         return [Image.fromarray(a) for a in arr]
     from diffusers import DDIMScheduler
 
-    pipe.scheduler = DDIMScheduler.from_config(bb.noise_scheduler.config)
+    if bb.process.kind == "ddpm":  # flow-matching pipelines keep their own Euler scheduler
+        pipe.scheduler = DDIMScheduler.from_config(bb.noise_scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     images = []
     for prompt in cfg.prompts:
@@ -141,7 +142,8 @@ def validation_grid(trainer, step: int) -> Path | None:
     for i in range(len(cfg.prompts)):
         for j in range(n):
             cells += ([base[i * n + j]] if base is not None else []) + [tuned[i * n + j]]
-    title = f"step {step}: DDIM {cfg.steps} steps, guidance {cfg.guidance:g}; {what}"
+    sampler = "DDIM" if trainer.backbone.process.kind == "ddpm" else "Euler"
+    title = f"step {step}: {sampler} {cfg.steps} steps, guidance {cfg.guidance:g}; {what}"
     grid = labelled_grid(cells, len(cfg.prompts), len(columns), title, list(cfg.prompts), columns)
     out = trainer.out / "validation" / f"step-{step:07d}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -191,10 +193,11 @@ def save_kohya_lora(path: Path, peft_layers: dict[str, torch.Tensor], prefix: st
 
 
 def export_final(trainer, metrics: dict, weights: dict | None = None) -> Path:
-    """LoRA runs write `pytorch_lora_weights.safetensors` (loadable with `pipe.load_lora_weights(dir)`) and
-    its kohya copy; full runs write a complete diffusers pipeline folder (for pixel-space models the same
-    layout without a VAE, which `load_backbone` reads back). Then the last validation grid, metrics.json
-    and the model card (README.md); with hub.push, the folder is uploaded. `weights`: the whole trainable
+    """LoRA runs write `pytorch_lora_weights.safetensors` (loadable with `pipe.load_lora_weights(dir)`) and,
+    for families that have one (Backbone.kohya_lora), its kohya copy; full runs write a complete diffusers
+    pipeline folder (for pixel-space models the same layout without a VAE, which `load_backbone` reads
+    back). Then the last validation grid, metrics.json and the model card (README.md); with hub.push, the
+    folder is uploaded. `weights`: the whole trainable
     (LoRA) or model weights, gathered by every rank when they are sharded (training/distributed.py); None:
     read them from the model."""
     import shutil
@@ -204,17 +207,16 @@ def export_final(trainer, metrics: dict, weights: dict | None = None) -> Path:
     unet = trainer.acc.unwrap_model(trainer.unet)
     bb = trainer.backbone
     if trainer.cfg.lora is not None:
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         peft_layers = get_peft_model_state_dict(unet, state_dict=weights)
-        layers = convert_state_dict_to_diffusers(peft_layers)
-        layers = {k: v.detach().float().contiguous().cpu() for k, v in layers.items()}
+        peft_layers = {k: v.detach().float().contiguous().cpu() for k, v in peft_layers.items()}
         # the adapter's LoraConfig (rank, lora_alpha, targets) travels in the file's metadata: without it
         # diffusers assumes alpha = rank and loads the adapter at rank / alpha of its trained strength
         peft_config = unet.peft_config["default"]
-        bb.save_lora(out, layers, metadata=peft_config.to_dict())
-        save_kohya_lora(out / KOHYA_FILE, peft_layers, bb.lora_prefix, peft_config)
+        bb.save_lora(out, peft_layers, metadata=peft_config.to_dict())
+        if bb.kohya_lora:
+            save_kohya_lora(out / KOHYA_FILE, peft_layers, bb.lora_prefix, peft_config)
     else:
         if weights is not None:
             from diffalign.training.distributed import module_with
@@ -229,7 +231,7 @@ def export_final(trainer, metrics: dict, weights: dict | None = None) -> Path:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     repo = hub_repo(trainer) if trainer.cfg.hub.push else None
     card = model_card(trainer.cfg, trainer.step, metrics, family=bb.family, repo_id=repo,
-                      samples=SAMPLES_FILE if grids else None)  # fmt: skip
+                      samples=SAMPLES_FILE if grids else None, kohya=bb.kohya_lora)  # fmt: skip
     card.save(out / "README.md")
     if repo is not None:
         push_folder(trainer, out, None, f"final export after step {trainer.step}")
@@ -290,7 +292,8 @@ def _fmt(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def model_card(cfg, step: int, metrics: dict, family: str, repo_id: str | None = None, samples: str | None = None):
+def model_card(cfg, step: int, metrics: dict, family: str, repo_id: str | None = None, samples: str | None = None,
+               kohya: bool = True):  # fmt: skip
     """The export's README.md as a huggingface_hub ModelCard: metadata (base model, tags), a runnable
     inference snippet, what was trained (LoRA rank and alpha, the objective with every parameter,
     defaults included), the data, sample images, the final metrics and the config, without machine paths."""
@@ -309,7 +312,9 @@ def model_card(cfg, step: int, metrics: dict, family: str, repo_id: str | None =
         lc = cfg.lora
         tuned = (f"LoRA rank {lc.rank}, alpha {_fmt(lc.alpha or lc.rank)} (scale {(lc.alpha or lc.rank) / lc.rank:g}), "
                  f"dropout {_fmt(lc.dropout)}; files: `pytorch_lora_weights.safetensors` (diffusers: "
-                 f"`pipe.load_lora_weights`) and `{KOHYA_FILE}` (kohya format: AUTOMATIC1111, ComfyUI)")  # fmt: skip
+                 f"`pipe.load_lora_weights`)")  # fmt: skip
+        tuned += (f" and `{KOHYA_FILE}` (kohya format: AUTOMATIC1111, ComfyUI)" if kohya else
+                  f" only: no kohya copy for {family} (diffusers' kohya converter covers the SD / SDXL UNet)")
     elif family == "pixel":
         tuned = "full fine-tune of a pixel-space model (unet/, text_encoder/, tokenizer/, scheduler/; no VAE)"
     else:

@@ -56,10 +56,10 @@ def check_model(mc) -> None:
     cache), and a local model.vae exists; the weights are not read."""
     from pathlib import Path
 
-    from diffalign.backbones.registry import read_model_index
+    from diffalign.backbones.registry import BUILDER_KINDS, read_model_index
     from diffalign.errors import MissingFile
 
-    if not mc.pretrained.startswith(("tiny:", "random:")):
+    if mc.pretrained.partition(":")[0] not in BUILDER_KINDS:  # tiny:, random:, small: are built in code
         read_model_index(mc.pretrained, mc.revision)
     if mc.vae and mc.vae.startswith(("/", ".", "~")) and not Path(mc.vae).expanduser().exists():
         raise MissingFile(f"model.vae {mc.vae!r}: no such folder; give a VAE folder or hub id, or remove model.vae")

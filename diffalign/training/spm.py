@@ -71,12 +71,12 @@ class SPMTrainer(Trainer):
         return {"name": "spm"}
 
     def _build(self) -> None:
-        from diffalign.backbones import load_backbone
+        from diffalign.backbones.registry import backbone_from_config
         from diffalign.rewards.spm import build_spm_model, load_spm_weights
         from diffalign.training.experience import OfflineSource
 
         cfg, acc, mc, sc = self.cfg, self.acc, self.cfg.model, self.cfg.spm
-        self.backbone = bb = load_backbone(mc.pretrained, mc.family, mc.revision, mc.variant, mc.vae, mc.prediction_type)
+        self.backbone = bb = backbone_from_config(mc)
         bb.denoiser.requires_grad_(False).eval()
         bb.place(acc.device, self.weight_dtype, mc.vae_fp32)
         bb.denoiser.to(acc.device)
@@ -102,6 +102,7 @@ class SPMTrainer(Trainer):
         self.lr = cfg.optim.lr * (self.global_batch * cfg.train.grad_accum if cfg.optim.scale_lr else 1)
         optimizer = self._optimizer()
         self.unet, self.optimizer, self.scheduler = acc.prepare(spm, optimizer, self._lr_scheduler(optimizer))
+        self._save_kwargs, self._load_kwargs = {}, {}  # accelerate's own checkpoint of the whole SPM
         self.params = [p for p in acc.unwrap_model(self.unet).parameters() if p.requires_grad]
         # the data side of a pair (its latents, timestep, noise) exactly as offline training draws it
         self.pairs = OfflineSource(bb, seed=cfg.train.seed, resolution=cfg.data.resolution, device=acc.device,

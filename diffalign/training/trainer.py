@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from diffalign.backbones import load_backbone
+from diffalign.backbones.registry import backbone_from_config
 from diffalign.config import Config, ConfigError, dump_config, weight_dtype
 from diffalign.errors import UserError
 from diffalign.objectives import get_objective
@@ -220,7 +220,7 @@ class Trainer:
     def _build(self) -> None:
         cfg, acc = self.cfg, self.acc
         mc = cfg.model
-        self.backbone = bb = load_backbone(mc.pretrained, mc.family, mc.revision, mc.variant, mc.vae, mc.prediction_type)
+        self.backbone = bb = backbone_from_config(mc)
         unet = bb.denoiser
         needs_ref = self.objective.needs_reference
         precomputed = None
