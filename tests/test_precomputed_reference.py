@@ -134,17 +134,10 @@ def test_sampled_experience_and_reference_free_objectives_are_refused(tmp_path):
 def test_two_processes_read_their_own_slices(tmp_path):
     """A table computed for 2 processes x batch 1 serves a torchrun run that matches 1 process x batch 2 with
     the live reference (the invariant and tolerance of the 2-process training test)."""
-    from safetensors.torch import load_file
-
-    from tests.helpers import launch
+    from tests.helpers import assert_one_process_equals_two
 
     adam = {"lr": 1e-3, "adam_eps": 1e-4}
     one = tiny_config(tmp_path / "one", optim=adam, train={"batch_size": 2, "max_steps": 2})
     two = tiny_config(tmp_path / "two", optim=adam, train={"batch_size": 1, "max_steps": 2, "reference": "precomputed"})
     _precompute(two, "--processes", "2", "--batch", "1")
-    launch(one, 1, tmp_path)
-    launch(two, 2, tmp_path)
-    a = load_file(str(Path(one["output_dir"]) / "final" / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(Path(two["output_dir"]) / "final" / "pytorch_lora_weights.safetensors"))
-    assert_states_close(a, b, atol=1e-6, rtol=0)
-    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k or "lora.up" in k)
+    assert_one_process_equals_two(one, two, tmp_path)
