@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("diffalign.training.cli:main", "fine-tune a model on preference data from a YAML config"),
     "train-spm": ("diffalign.training.spm:main", "train SPO's step-aware preference model on preference pairs"),
     "cache": ("diffalign.training.cache:main", "precompute VAE latents and text conditioning for a config"),
+    "precompute": ("diffalign.training.precompute:main", "compute a run's reference energies ahead (train.reference=precomputed)"),
     "eval": ("diffalign.evaluation.cli:eval_main", "generate images for a benchmark suite and score them"),
     "score": ("diffalign.evaluation.cli:score_main", "score existing images against their prompts"),
     "synpic": ("diffalign.synpic.cli:main", "generate a Syn-Pic-style ranked preference dataset"),
@@ -40,7 +41,7 @@ ENV_VARS = ("HF_HOME", "HF_HUB_OFFLINE", "CUDA_VISIBLE_DEVICES", "DIFFALIGN_CACH
 
 def _usage() -> str:
     lines = ["usage: diffalign <command> [options] [--debug]", "       diffalign --version", "", "commands:"]
-    lines += [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run `diffalign <command> --help` for a command's options. A known error ends in one line and",
               "exit status 2; --debug (anywhere on the line) shows its traceback."]
     return "\n".join(lines)

@@ -161,8 +161,9 @@ class TrainSection(_Section):
     attention: Literal["sdpa", "xformers"] = "sdpa"
     seed: int = 0
     #: the reference model: auto = the objective's (SePPO: pool), else adapters off for LoRA and a frozen
-    #: copy for full fine-tuning; pool = earlier checkpoints of this run (`train.pool`)
-    reference: Literal["auto", "lora_off", "frozen_copy", "pool"] = "auto"
+    #: copy for full fine-tuning; pool = earlier checkpoints of this run (`train.pool`); precomputed = the
+    #: base model's energies computed ahead by `diffalign precompute` (offline experience only; no module)
+    reference: Literal["auto", "lora_off", "frozen_copy", "pool", "precomputed"] = "auto"
     pool: PoolConfig = PoolConfig()
     #: stop after this many consecutive steps skipped for a non-finite loss or gradient
     max_nonfinite_steps: int = pydantic.Field(5, ge=1)
@@ -335,6 +336,9 @@ class Config(_Section):
             raise ValueError(f"objective {obj.name!r} needs data.format in {list(obj.formats)}, got {self.data.format!r}")
         if self.train.reference == "lora_off" and self.lora is None:
             raise ValueError("train.reference=lora_off needs a lora section (or use frozen_copy / auto)")
+        if obj.needs_reference and self.reference_kind() == "precomputed" and source != "offline":
+            raise ValueError(f"train.reference=precomputed: {source} experience is sampled during training, so its "
+                             "reference energies cannot be computed ahead; use train.reference=auto")  # fmt: skip
         if self.data.streaming and (self.cache.enabled or source == "rollout"):
             raise ValueError("data.streaming reads images from parquet row groups; it applies neither to the latent "
                              "cache (set cache.enabled: false) nor to prompt data")  # fmt: skip

@@ -50,6 +50,22 @@ def assert_states_close(a: dict, b: dict, atol: float = 1e-6, rtol: float = 1e-5
         )
 
 
+def assert_one_process_equals_two(one: dict, two: dict, workdir) -> None:
+    """Train `one` in 1 process and `two` in 2 (torchrun): the exported LoRA weights agree (atol 1e-6) and the
+    run learned something. Give both optim.adam_eps 1e-4: Adam's first update lr * g / (|g| + eps) turns float
+    rounding of a near-zero gradient entry into a visible weight change."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    launch(one, 1, workdir)
+    launch(two, 2, workdir)
+    a = load_file(str(Path(one["output_dir"]) / "final" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(Path(two["output_dir"]) / "final" / "pytorch_lora_weights.safetensors"))
+    assert_states_close(a, b, atol=1e-6, rtol=0)
+    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k or "lora.up" in k)
+
+
 def crash_then_resume(cfg_dict: dict, crash_at_step: int, monkeypatch, runner=None):
     """Train until `crash_at_step` optimizer steps are done, die there (as a kill would), then resume from
     the latest checkpoint and train to the end. Returns the resumed trainer. `runner(cfg, resume=)` trains

@@ -103,3 +103,29 @@ def test_toy_sampler_uses_the_model_folders_noise_schedule(tmp_path):
         gen._load()
         assert gen._parts.process.prediction_type == pred
         assert len(gen.generate(["a red circle"], [0])) == 1
+
+
+def test_an_interrupted_base_build_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """Killed at step 5 of 20 (checkpoints every 2), the next ensure_base resumes at step 4, not step 0, and
+    its base model equals an uninterrupted build's bit for bit."""
+    from safetensors.torch import load_file
+
+    from diffalign.toy.base import BaseRecipe, ensure_base
+    from tests.helpers import crash_then_resume
+
+    recipe = BaseRecipe(width=8, steps=20, batch_size=4, warmup_steps=0, images=32)
+    logs: list[str] = []
+
+    def build(root, resume=None):
+        return ensure_base(recipe, root=root, log=logs.append, progress=False)
+
+    crash_then_resume(tmp_path / "killed", 5, monkeypatch, runner=build)
+    assert any("resuming the interrupted build" in line for line in logs), logs
+    assert "at step 4" in capsys.readouterr().out
+    whole = build(tmp_path / "whole")
+    resumed = tmp_path / "killed" / whole.relative_to(tmp_path / "whole")
+    files = sorted(p.relative_to(whole) for p in whole.rglob("*.safetensors"))
+    assert files and files == sorted(p.relative_to(resumed) for p in resumed.rglob("*.safetensors"))
+    for f in files:
+        a, b = load_file(str(whole / f)), load_file(str(resumed / f))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f

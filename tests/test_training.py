@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import (
+    assert_one_process_equals_two,
     assert_states_close,
     crash_then_resume,
     launch,
@@ -152,12 +153,7 @@ def test_two_processes_match_one_process_with_double_batch(tmp_path):
     adam = {"lr": 1e-3, "adam_eps": 1e-4}
     one = tiny_config(tmp_path / "one", optim=adam, train={"batch_size": 2, "max_steps": 1})
     two = tiny_config(tmp_path / "two", optim=adam, train={"batch_size": 1, "max_steps": 1})
-    launch(one, 1, tmp_path)
-    launch(two, 2, tmp_path)
-    a = load_file(str(Path(one["output_dir"]) / "final" / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(Path(two["output_dir"]) / "final" / "pytorch_lora_weights.safetensors"))
-    assert_states_close(a, b, atol=1e-6, rtol=0)
-    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k or "lora.up" in k)
+    assert_one_process_equals_two(one, two, tmp_path)
 
 
 def test_learning_rate_schedule_does_not_depend_on_the_number_of_processes(tmp_path):

@@ -17,6 +17,9 @@ of the recipe: $DIFFALIGN_CACHE (default ~/.cache/diffalign)/toy/base-<key>/
     sft.parquet     the rendered training data
     train/          the trainer's output (config.yaml, logs/metrics.jsonl, final/ = the base model)
     recipe.json     written last: its presence means the base is complete
+It is built in base-<key>.tmp/ (inputs.json marks its inputs complete) and renamed when done. The training
+checkpoints every tenth of its steps, so an interrupted build resumes from its last checkpoint (a resumed
+run equals an uninterrupted one) instead of retraining from step 0.
 
 `python -m diffalign.toy.base --inputs DIR` writes init/ and sft.parquet only (to rerun
 configs/toy_base.yaml by hand); `python -m diffalign.toy.base` builds (or finds) the cached base.
@@ -160,7 +163,8 @@ def train_config(recipe: BaseRecipe, init: str | Path, data: str | Path, output_
         "train": {"batch_size": recipe.batch_size, "max_steps": recipe.steps, "seed": recipe.seed,
                   "ema_decay": recipe.ema_decay},  # fmt: skip
         "logging": {"every": every, "tensorboard": False},
-        "checkpoint": {"every": recipe.steps, "keep": 1},
+        # a tenth of the steps: an interrupted build resumes from there; checkpoints change no result
+        "checkpoint": {"every": max(1, recipe.steps // 10), "keep": 1},
         "output_dir": str(output_dir),
     }
 
@@ -168,14 +172,14 @@ def train_config(recipe: BaseRecipe, init: str | Path, data: str | Path, output_
 # ---- training ---------------------------------------------------------------------------------------
 
 
-def train(config: dict, progress: bool = True) -> dict:
+def train(config: dict, progress: bool = True, resume: str | None = None) -> dict:
     """Run the real Trainer on a config dict in this process; returns its last logged metrics."""
     from diffalign.config import load_config
     from diffalign.training.trainer import Trainer
 
     cfg = load_config(config)
     cfg.logging.progress = cfg.logging.progress and progress
-    return Trainer(cfg).train()
+    return Trainer(cfg, resume=resume).train()
 
 
 def ensure_base(recipe: BaseRecipe = BaseRecipe(), root: str | Path | None = None, log=print,
@@ -186,12 +190,18 @@ def ensure_base(recipe: BaseRecipe = BaseRecipe(), root: str | Path | None = Non
     if (final / "recipe.json").is_file() and (model / "model_index.json").is_file():
         log(f"toy base: cached at {model}")
         return model
-    log(f"toy base: not cached; training it ({recipe.steps} steps, batch {recipe.batch_size}) into {final}")
     t0 = time.time()
     work = final.with_name(final.name + ".tmp")
-    shutil.rmtree(work, ignore_errors=True)
-    init, data = write_inputs(work, recipe)
-    train(train_config(recipe, init, data, work / "train"), progress=progress)
+    inputs = work / "inputs.json"
+    if inputs.is_file():  # an interrupted build: its inputs are complete, its training resumes
+        init, data = work / "init", work / "sft.parquet"
+        log(f"toy base: resuming the interrupted build in {work}")
+    else:
+        log(f"toy base: not cached; training it ({recipe.steps} steps, batch {recipe.batch_size}) into {final}")
+        shutil.rmtree(work, ignore_errors=True)
+        init, data = write_inputs(work, recipe)
+        inputs.write_text(json.dumps({"key": recipe.key()}))
+    train(train_config(recipe, init, data, work / "train"), progress=progress, resume="latest")
     shutil.rmtree(work / "train" / "checkpoints", ignore_errors=True)  # optimizer state: not needed
     shutil.rmtree(final, ignore_errors=True)
     work.rename(final)

@@ -42,6 +42,10 @@ class Experience:
     metrics: dict[str, float] = field(default_factory=dict)
     #: the loss's weight on this process (1 unless a source splits a mini-batch unevenly across processes)
     weight: float = 1.0
+    #: offline experience: each item's data-stream position and key (a precomputed reference reads its
+    #: energies by position and checks the key)
+    positions: list[int] | None = None
+    keys: list[str] | None = None
 
 
 def stream_seed(seed: int, stream: str, position: int) -> int:
@@ -72,6 +76,12 @@ def item_noise(process: NoiseProcess, seed: int, positions: list[int], k: int, s
         else:
             noises.append(shared)
     return torch.cat(ts), torch.cat(noises), torch.cat(eps)
+
+
+def candidate_noise(params) -> bool:
+    """True when an objective's validated params ask for one diffusion noise per candidate (RankDPO's
+    `noise: per_image`); otherwise an item's candidates share one."""
+    return getattr(params, "noise", "shared") == "per_image"
 
 
 def mse_energy(backbone: Backbone, model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
@@ -143,18 +153,26 @@ class OfflineSource:
         x0 = bb.latents_from_posterior(mean.float(), std.float(), eps.flatten(0, 1).to(self.device)).float()
         return x0.view(batch["phi"].shape[0], K, *x0.shape[1:])
 
-    def next(self, batch: dict, micro: int, policy=None, reference=None) -> Experience:
+    def inputs(self, batch: dict, micro: int) -> dict:
+        """What a micro-batch's energies are computed from: x0 [B, K, ...], noise, t [B], cond (B*K rows),
+        phi [B, K], and the items' stream positions."""
         K = self.candidates or batch["phi"].shape[1]
         B = batch["phi"].shape[0]
-        shape = self._latent_shape(batch)
-        t, noise, eps = item_noise(self.backbone.process, self.seed, self.positions(micro, B), K, shape,
+        positions = self.positions(micro, B)
+        t, noise, eps = item_noise(self.backbone.process, self.seed, positions, K, self._latent_shape(batch),
                                    self.per_candidate_noise)  # fmt: skip
-        x0 = self.latents(batch, K, eps)
-        t, noise = t.to(self.device), noise.to(self.device)
-        cond = self.conditioning(batch, K)
-        phi = batch["phi"][:, :K].to(self.device, torch.float32)
-        return Experience(phi=phi, energy=lambda model: mse_energy(self.backbone, model, x0, noise, t, cond,
-                                                                   self.fused_energy))
+        return {"x0": self.latents(batch, K, eps), "noise": noise.to(self.device), "t": t.to(self.device),
+                "cond": self.conditioning(batch, K), "phi": batch["phi"][:, :K].to(self.device, torch.float32),
+                "positions": positions}  # fmt: skip
+
+    def energy_of(self, inputs: dict, model) -> torch.Tensor:
+        return mse_energy(self.backbone, model, inputs["x0"], inputs["noise"], inputs["t"], inputs["cond"],
+                          self.fused_energy)  # fmt: skip
+
+    def next(self, batch: dict, micro: int, policy=None, reference=None) -> Experience:
+        i = self.inputs(batch, micro)
+        return Experience(phi=i["phi"], energy=lambda model: self.energy_of(i, model), positions=i["positions"],
+                          keys=batch.get("keys"))  # fmt: skip
 
     def placeholder(self) -> Experience:
         """One item of zero latents under the empty prompt at t of the first draw: for a rank whose micro-batch

@@ -9,6 +9,9 @@ reference energies (or generated candidates) come from, or None.
 - `pool`: earlier checkpoints of this run, one drawn per optimizer step (SePPO's Random Checkpoint
   Replay). Draws are keyed on (seed, step) and membership is a function of the step, so resume and N
   processes replay them.
+- `precomputed`: no module at all; the energies the base model gives each item at its stream position,
+  computed ahead by `diffalign precompute` (diffalign/training/precompute.py) and read from
+  `<cache dir>/reference/`. A table made for another seed, batch, data, model or noise mode is refused.
 
 Every reference hears about each optimizer step (`on_step`) and each saved checkpoint (`on_checkpoint`).
 """
@@ -29,6 +32,7 @@ import torch
 from torch import nn
 
 from diffalign.atomic import atomic_path
+from diffalign.errors import UserError
 from diffalign.training.experience import stream_seed
 
 
@@ -64,6 +68,11 @@ class Reference:
     def metrics(self) -> dict[str, float]:
         """Per-micro-batch values to log beside the objective's (the pool: which checkpoint was drawn)."""
         return {}
+
+    def energies(self, exp, policy: nn.Module) -> torch.Tensor | None:
+        """The reference energies of an experience [B, K] (call under no_grad), or None without a reference."""
+        with self.model(policy) as module:
+            return exp.energy(module) if module is not None else None
 
 
 class AdapterOffReference(Reference):
@@ -297,13 +306,101 @@ class CheckpointPoolReference(Reference):
                 yield policy
 
 
-REFERENCE_KINDS = ("auto", "lora_off", "frozen_copy", "pool")
+class ReferenceEnergiesMismatch(UserError, ValueError):
+    pass
+
+
+ENERGIES_FILE, MANIFEST_FILE, ENERGIES_VERSION = "energies.safetensors", "manifest.json", 1
+
+
+def energies_dir(cfg) -> Path:
+    """Where `diffalign precompute` writes a config's reference energies: beside its latent cache."""
+    from diffalign.training.cache import cache_dir_for
+
+    return cache_dir_for(cfg) / "reference"
+
+
+def energies_fingerprint(cfg, backbone, processes: int) -> dict:
+    """Everything the reference energy of a stream position depends on: which item it is (data, seed,
+    global batch = batch_size x processes), its noise and timestep (seed, the objective's candidates and
+    noise mode), how its latents and conditioning are made (model, cache, precision). Take it before
+    adapters are added: the denoiser's digest reads its parameter names."""
+    from diffalign.backbones.sd import module_digest
+    from diffalign.objectives import get_objective
+    from diffalign.training.experience import candidate_noise
+
+    obj = get_objective(cfg.objective.name)
+    params = obj.validate(cfg.objective.params())
+    return {"version": ENERGIES_VERSION, "model": backbone.fingerprint(), "denoiser": module_digest(backbone.denoiser),
+            "data": cfg.data.model_dump(mode="json"), "seed": cfg.train.seed, "batch_size": cfg.train.batch_size,
+            "processes": int(processes), "candidates": obj.candidates,
+            "noise": "per_image" if candidate_noise(params) else "shared",
+            "mixed_precision": cfg.train.mixed_precision,
+            "cache": {"enabled": cfg.cache.enabled, "dtype": cfg.cache.dtype if cfg.cache.enabled else None}}  # fmt: skip
+
+
+class PrecomputedReference(Reference):
+    """Energies read from a table [stream positions, K] computed ahead (`diffalign precompute`): training
+    runs only the policy and holds no reference module. Each lookup checks that the item at that position
+    is the one the table was computed for."""
+
+    name = "precomputed"
+
+    def __init__(self, folder: str | Path, fingerprint: dict, needed_micro: int):
+        from safetensors.torch import load_file
+
+        from diffalign.errors import MissingFile, check_safetensors
+        from diffalign.training.cache import _diff
+
+        self.folder = Path(folder)
+        manifest_path, table = self.folder / MANIFEST_FILE, self.folder / ENERGIES_FILE
+        fix = "run `diffalign precompute <config>` with this run's config and overrides"
+        if not manifest_path.is_file():
+            raise MissingFile(f"train.reference=precomputed: no reference energies at {self.folder}; {fix} first")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            made, self.keys, self.n_micro = manifest["fingerprint"], manifest["keys"], int(manifest["micro_batches"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise UserError(f"{manifest_path} is unreadable ({err}); {fix}") from None
+        diffs = [d.replace("cache has", "computed with") for d in _diff(made, fingerprint)]
+        if diffs:
+            raise ReferenceEnergiesMismatch(f"{manifest_path} was computed for another run ({'; '.join(diffs[:4])}"
+                                            f"{'; ...' if len(diffs) > 4 else ''}); {fix}")  # fmt: skip
+        if self.n_micro < needed_micro:
+            raise ReferenceEnergiesMismatch(f"{manifest_path} covers {self.n_micro} micro-batches and this run takes "
+                                            f"{needed_micro} (train.max_steps x grad_accum); {fix}")  # fmt: skip
+        check_safetensors(table, fix)
+        self.table = load_file(str(table))["energies"]
+        self.fix = fix
+
+    def describe(self) -> str:
+        return f"precomputed ({self.folder}, {self.n_micro} micro-batches)"
+
+    def energies(self, exp, policy) -> torch.Tensor:
+        where = self.folder / MANIFEST_FILE
+        if exp.positions is None:  # the placeholder item of a rank with nothing usable: its loss is zeroed
+            return torch.zeros_like(exp.phi)
+        if max(exp.positions) >= len(self.table):
+            raise ReferenceEnergiesMismatch(f"{where} covers stream positions below {len(self.table)} and this run reached "
+                                            f"{max(exp.positions)} (skipped steps read extra batches); recompute with "
+                                            "`diffalign precompute <config> --extra-micro-batches N`")  # fmt: skip
+        for pos, key in zip(exp.positions, exp.keys or [None] * len(exp.positions), strict=True):
+            if key is not None and self.keys[pos] != key:
+                raise ReferenceEnergiesMismatch(f"{where} holds item {self.keys[pos]!r} at stream position {pos} and "
+                                                f"this run reads {key!r} there (the data changed); {self.fix}")  # fmt: skip
+        out = self.table[torch.as_tensor(exp.positions)]
+        return out.to(exp.phi.device)
+
+
+REFERENCE_KINDS = ("auto", "lora_off", "frozen_copy", "pool", "precomputed")
 POOL_DRAWS = ("uniform", "first", "last")
 
 
 def make_reference(kind: str, needs_reference: bool, has_lora: bool, denoiser: nn.Module, dtype=None,
-                   unwrap: Callable[[nn.Module], nn.Module] = lambda m: m, pool: dict | None = None) -> Reference:  # fmt: skip
-    """`pool`: CheckpointPoolReference's keyword arguments (seed, every, cap, draw, output_dir, is_main)."""
+                   unwrap: Callable[[nn.Module], nn.Module] = lambda m: m, pool: dict | None = None,
+                   precomputed: dict | None = None) -> Reference:  # fmt: skip
+    """`pool`: CheckpointPoolReference's keyword arguments (seed, every, cap, draw, output_dir, is_main);
+    `precomputed`: PrecomputedReference's (folder, fingerprint, needed_micro)."""
     if not needs_reference:
         return Reference()
     if kind == "auto":
@@ -314,4 +411,6 @@ def make_reference(kind: str, needs_reference: bool, has_lora: bool, denoiser: n
         return FrozenCopyReference(denoiser, dtype)
     if kind == "pool":
         return CheckpointPoolReference(denoiser, lora=has_lora, dtype=dtype, unwrap=unwrap, **(pool or {}))
+    if kind == "precomputed":
+        return PrecomputedReference(**(precomputed or {}))
     raise ValueError(f"unknown reference kind {kind!r}; choose one of {REFERENCE_KINDS}")

@@ -28,8 +28,19 @@ from diffalign.objectives import get_objective
 from diffalign.training import checkpoint as ckpt
 from diffalign.training import distributed, preflight
 from diffalign.training.distributed import make_accelerator
-from diffalign.training.experience import GeneratedSource, OfflineSource, RolloutSource, stream_seed
-from diffalign.training.reference import FrozenCopyReference, make_reference
+from diffalign.training.experience import (
+    GeneratedSource,
+    OfflineSource,
+    RolloutSource,
+    candidate_noise,
+    stream_seed,
+)
+from diffalign.training.reference import (
+    FrozenCopyReference,
+    energies_dir,
+    energies_fingerprint,
+    make_reference,
+)
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -96,6 +107,33 @@ class _EpochIndexed(torch.utils.data.Dataset):
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
         return self.dataset[index]
+
+
+def batch_sampler(cfg: Config, dataset, world: int, rank: int, start: int = 0) -> GlobalBatchSampler:
+    """The sampler of process `rank` of `world` (following the parquet row groups when data.streaming)."""
+    order = None
+    if cfg.data.streaming:
+        from diffalign.data.stream import stream_order
+
+        order = stream_order(dataset, cfg.train.seed)
+    return GlobalBatchSampler(len(dataset), cfg.train.batch_size, world, rank, cfg.train.seed, start=start, order=order)
+
+
+def training_dataset(cfg: Config, backbone, data):
+    """What a run reads: the latent cache (cache.enabled, image data), or `data` as the preflight built it."""
+    if cfg.cache.enabled and cfg.data.format != "prompts":
+        from diffalign.training.cache import CachedPreferenceDataset, cache_dir_for
+
+        return CachedPreferenceDataset(cache_dir_for(cfg), backbone, cfg, data=data)
+    return data
+
+
+def kernels_wanted(train, device) -> tuple[bool, str | None]:
+    """Whether train.kernels turns the fused kernels on here, and why auto would not (None: it would)."""
+    from diffalign import kernels
+
+    reason = kernels.fallback_reason(device) or (None if device.type == "cuda" else "no CUDA device")
+    return train.kernels == "on" or (train.kernels == "auto" and reason is None), reason
 
 
 def warmup_log_decay(optimizer, warmup: int, decay_end: int, processes: int = 1):
@@ -184,6 +222,11 @@ class Trainer:
         mc = cfg.model
         self.backbone = bb = backbone_from_config(mc)
         unet = bb.denoiser
+        needs_ref = self.objective.needs_reference
+        precomputed = None
+        if needs_ref and cfg.reference_kind() == "precomputed":  # fingerprinted before adapters change the denoiser
+            precomputed = dict(folder=energies_dir(cfg), fingerprint=energies_fingerprint(cfg, bb, acc.num_processes),
+                               needed_micro=cfg.train.max_steps * cfg.train.grad_accum)  # fmt: skip
         unet.requires_grad_(False)
         bb.place(acc.device, self.weight_dtype, mc.vae_fp32)
         self.speed = self._kernels_and_layout(unet)
@@ -211,11 +254,11 @@ class Trainer:
                     p.data = p.data.float()  # trainable LoRA weights stay fp32 under mixed precision
         else:
             unet.to(acc.device).requires_grad_(True)
-        needs_ref = self.objective.needs_reference
         pool = dict(seed=cfg.train.seed, every=cfg.pool_every(), cap=cfg.train.pool.cap, draw=cfg.train.pool.draw,
                     output_dir=self.out, is_main=acc.is_main_process)  # fmt: skip
         self.reference = make_reference(cfg.reference_kind(), needs_ref, cfg.lora is not None, unet,
-                                        self.weight_dtype, unwrap=acc.unwrap_model, pool=pool).to(acc.device)  # fmt: skip
+                                        self.weight_dtype, unwrap=acc.unwrap_model, pool=pool,
+                                        precomputed=precomputed).to(acc.device)  # fmt: skip
         self.params = [p for p in unet.parameters() if p.requires_grad]
         self.n_trainable = sum(p.numel() for p in self.params)
         if cfg.train.compile:
@@ -253,8 +296,7 @@ class Trainer:
         from diffalign import kernels
 
         t, device = self.cfg.train, self.acc.device
-        reason = kernels.fallback_reason(device) or (None if device.type == "cuda" else "no CUDA device")
-        self.kernels_on = t.kernels == "on" or (t.kernels == "auto" and reason is None)
+        self.kernels_on, reason = kernels_wanted(t, device)
         if self.kernels_on:
             fused = ", ".join(f"{n} {k}" for n, k in self.backbone.apply_kernels().items()) or "none in this family"
             line = f"kernels on ({kernels.describe(device)}): fused energy; GroupNorm+SiLU in resnet blocks: {fused}"
@@ -294,7 +336,7 @@ class Trainer:
                                  divert_start_step=r.divert_start_step, inner_steps=r.inner_steps,
                                  threshold=r.threshold, pairs_per_step=r.pairs_per_step, unwrap=acc.unwrap_model,
                                  autocast=acc.autocast, **common)  # fmt: skip
-        common |= dict(per_candidate_noise=getattr(params, "noise", "shared") == "per_image", fused_energy=self.kernels_on)
+        common |= dict(per_candidate_noise=candidate_noise(params), fused_energy=self.kernels_on)
         if cfg.experience_source() == "generated":
             return GeneratedSource(self.backbone, steps=s.steps, guidance=s.guidance, eta=s.eta,
                                    generator=cfg.experience.generator, sample_batch=s.batch_size, **common)  # fmt: skip
@@ -313,11 +355,7 @@ class Trainer:
                              num_training_steps=self.cfg.train.max_steps * n)  # fmt: skip
 
     def _dataset(self):
-        if self.cfg.cache.enabled and self.cfg.data.format != "prompts":
-            from diffalign.training.cache import CachedPreferenceDataset, cache_dir_for
-
-            return CachedPreferenceDataset(cache_dir_for(self.cfg), self.backbone, self.cfg, data=self.data)
-        return self.data
+        return training_dataset(self.cfg, self.backbone, self.data)
 
     def _optimizer(self):
         o = self.cfg.optim
@@ -379,8 +417,8 @@ class Trainer:
     def _loss(self, exp):
         with self.autocast():
             energy = exp.energy(self.unet)
-            with torch.no_grad(), self.reference.model(self.unet) as ref_model:
-                ref = exp.energy(ref_model) if ref_model is not None else None
+            with torch.no_grad():
+                ref = self.reference.energies(exp, self.unet)
         phi = exp.phi.to(energy.device, energy.dtype)
         loss, metrics = self.objective(energy, ref, phi, **self.objective_params)
         if exp.weight != 1.0:
@@ -389,13 +427,7 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------------
     def _loader(self):
-        order = None
-        if self.cfg.data.streaming:
-            from diffalign.data.stream import stream_order
-
-            order = stream_order(self.dataset, self.cfg.train.seed)
-        sampler = GlobalBatchSampler(len(self.dataset), self.cfg.train.batch_size, self.acc.num_processes,
-                                     self.acc.process_index, self.cfg.train.seed, start=self.micro, order=order)
+        sampler = batch_sampler(self.cfg, self.dataset, self.acc.num_processes, self.acc.process_index, self.micro)
         from diffalign.data import collate_preference
 
         self.sampler = sampler
