@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -108,3 +109,51 @@ def test_cache_under_mixed_precision_matches_training_placement(tmp_path):
     proc = subprocess.run([sys.executable, "-c", _BF16_CHECK, json.dumps(cfg)], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(root)}, timeout=300)  # fmt: skip
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_a_cache_built_by_two_processes_holds_what_one_process_builds(tmp_path):
+    """`torchrun --nproc_per_node 2 -m diffalign cache`: each process encodes its share of the items into its
+    own shards, process 0 joins the partial indexes; every item and caption reads back as from a one-process
+    build (the VAE runs per item; captions are encoded in other batches, so to float rounding)."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    import yaml
+
+    from diffalign.config import load_config
+    from diffalign.training.cache import build_cache, verify_cache
+
+    root = Path(__file__).resolve().parents[1]
+    common = dict(model={"pretrained": "tiny:sdxl"}, data={"random_flip": True, "caption_dropout": 0.3})
+    one = tiny_config(tmp_path / "one", cache={"enabled": True, "dtype": "fp32", "dir": str(tmp_path / "c1")}, **common)
+    two = tiny_config(tmp_path / "two", cache={"enabled": True, "dtype": "fp32", "dir": str(tmp_path / "c2")}, **common)
+    build_cache(load_config(one), device="cpu")
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(two))
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "diffalign", "cache", str(path)], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("cache written to") == 1  # said once, by process 0
+    a, b = verify_cache(tmp_path / "c1"), verify_cache(tmp_path / "c2")
+    assert a["fingerprint"] == b["fingerprint"] and a["items"].keys() == b["items"].keys() and a["skipped"] == b["skipped"]
+    assert a["captions"].keys() == b["captions"].keys()
+    shards = {Path(s).name.split("-")[1] for s in b["items"].values()}
+    assert shards == {"r000", "r001"}  # both processes wrote shards
+    assert not list((tmp_path / "c2").glob("index.part-*"))
+    from safetensors import safe_open
+
+    def tensors(cache: Path, index: dict) -> dict:
+        out = {}
+        for shard in sorted(set(index["items"].values()) | set(index["captions"].values())):
+            with safe_open(str(cache / shard), framework="pt") as f:
+                out |= {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        return out
+
+    ta, tb = tensors(tmp_path / "c1", a), tensors(tmp_path / "c2", b)
+    assert ta.keys() == tb.keys() and any(k.startswith("i.") for k in ta) and any(k.startswith("c.") for k in ta)
+    for k, v in ta.items():
+        torch.testing.assert_close(tb[k], v, rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")

@@ -30,6 +30,8 @@ from diffalign.data.dataset import candidate_flips, item_draws
 from diffalign.errors import MissingFile, UserError, check_safetensors, cli_entry
 
 INDEX = "index.json"
+#: the partial index each process of a parallel build writes before process 0 joins them
+PART_GLOB = "index.part-*.json"
 FORMAT_VERSION = 2  # 2: text conditioning in the training precision (text_dtype)
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -67,7 +69,12 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def build_cache(cfg, backbone=None, device: str | None = None, shard_items: int = 256) -> Path:
-    """Encode every item of cfg.data (both flips when random_flip) and every caption; write shards + index."""
+    """Encode every item of cfg.data (both flips when random_flip) and every caption; write shards + index.
+
+    Launched in N processes (`accelerate launch` / `torchrun ... -m diffalign cache`), process r encodes
+    items r, r + N, r + 2N, ... into its own shards (`shard-r<r>-<n>`), and process 0 joins their partial
+    indexes into the one index training reads; the cache holds the same tensors as a one-process build."""
+    from accelerate import PartialState
     from tqdm.auto import tqdm
 
     from diffalign.backbones.registry import backbone_from_config
@@ -81,14 +88,22 @@ def build_cache(cfg, backbone=None, device: str | None = None, shard_items: int 
 
     ds = build_preference_dataset(cfg.data, seed=cfg.train.seed)
     probe_data(ds, cfg.data.max_skip_fraction)  # before the model loads
+    # cpu=True without an accelerator lets torchrun-launched processes form a gloo group (as the trainer's)
+    state = PartialState(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()))
+    rank, world = state.process_index, state.num_processes
     backbone = backbone or backbone_from_config(cfg.model)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or str(state.device)
     text_dtype = weight_dtype(cfg.train.mixed_precision)
     backbone.place(device, text_dtype, cfg.model.vae_fp32)
     dtype = _DTYPES[cfg.cache.dtype]
     out = cache_dir_for(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_temps(out)  # shards of a killed build
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_temps(out)  # shards of a killed build
+        for stale in out.glob(PART_GLOB):
+            stale.unlink()
+    state.wait_for_everyone()
+    prefix = "shard" if world == 1 else f"shard-r{rank:03d}"
     flips = [False, True] if cfg.data.random_flip else [False]
     items: dict[str, str] = {}
     captions: dict[str, str] = {}
@@ -101,7 +116,7 @@ def build_cache(cfg, backbone=None, device: str | None = None, shard_items: int 
         nonlocal shard, pending_items, pending_caps
         if not pending_items and not pending_caps:
             return
-        name = f"shard-{shard:05d}.safetensors"
+        name = f"{prefix}-{shard:05d}.safetensors"
         tensors = dict(pending_items)
         if pending_caps:
             enc = backbone.encode_text(list(pending_caps.values()))
@@ -117,7 +132,8 @@ def build_cache(cfg, backbone=None, device: str | None = None, shard_items: int 
 
     pending_caps[_caption_id("")] = ""
     n_in_shard = 0
-    for i in tqdm(range(len(ds)), desc="cache"):
+    mine = range(rank, len(ds), world)
+    for i in tqdm(mine, desc="cache", disable=not state.is_main_process):
         for flip in flips:
             ds.force_flip = flip
             item = ds[i]
@@ -130,7 +146,7 @@ def build_cache(cfg, backbone=None, device: str | None = None, shard_items: int 
             pending_items[f"i.{i}.{f}.original_size"] = item["original_size"]
             pending_items[f"i.{i}.{f}.crop_top_left"] = item["crop_top_left"]
         else:
-            items[str(i)] = f"shard-{shard:05d}.safetensors"
+            items[str(i)] = f"{prefix}-{shard:05d}.safetensors"
             for c in item["captions"]:
                 cid = _caption_id(c)
                 if cid not in captions and cid not in pending_caps:
@@ -141,10 +157,23 @@ def build_cache(cfg, backbone=None, device: str | None = None, shard_items: int 
             n_in_shard = 0
     ds.force_flip = None
     flush()
+    if world > 1:  # every process reads every part, so all of them agree on the skip check below
+        write_atomic(out / PART_GLOB.replace("*", f"{rank:03d}"), json.dumps({"items": items, "captions": captions}))
+        state.wait_for_everyone()
+        for part in sorted(out.glob(PART_GLOB)):
+            joined = json.loads(part.read_text(encoding="utf-8"))
+            items |= joined["items"]
+            captions = joined["captions"] | captions
     check_skip_share(ds, len(ds) - len(items), len(ds), cfg.data.max_skip_fraction, "of the data")  # no index then
-    index = {"fingerprint": fingerprint(cfg, backbone, len(ds)), "n_items": len(ds), "items": items,
-             "captions": captions, "cond_keys": cond_keys, "skipped": len(ds) - len(items)}
-    write_atomic(out / INDEX, json.dumps(index))
+    if state.is_main_process:
+        items = {str(i): items[str(i)] for i in range(len(ds)) if str(i) in items}
+        index = {"fingerprint": fingerprint(cfg, backbone, len(ds)), "n_items": len(ds), "items": items,
+                 "captions": captions, "cond_keys": cond_keys, "skipped": len(ds) - len(items)}
+        write_atomic(out / INDEX, json.dumps(index))
+    state.wait_for_everyone()
+    if state.is_main_process:
+        for part in out.glob(PART_GLOB):
+            part.unlink()
     return out
 
 
@@ -259,5 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_cli(p, argv)
     cfg = load_config(args.config, args.overrides)
     out = build_cache(cfg, device=args.device)
-    print(f"cache written to {out}; train with cache.enabled=true cache.dir={out}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"cache written to {out}; train with cache.enabled=true cache.dir={out}")
     return 0
