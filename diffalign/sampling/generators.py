@@ -113,6 +113,7 @@ def load_pipeline(model: str, lora: str | None = None, device: str | None = "cpu
     try:
         with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype; the old name still works
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            # diffusers prefers a folder's safetensors and reads .bin weights with torch.load(weights_only=True)
             pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype), revision=revision,
                                                      variant=variant)  # fmt: skip
     except (OSError, ValueError) as e:
